@@ -1,0 +1,61 @@
+"""Settings and paths.
+
+Everything the studio writes lives under one data directory (``--data-dir``; default: the
+platform's user data dir, e.g. ``~/.local/share/sd35-studio`` on Linux):
+
+    <data-dir>/images/     generated PNGs (the only folder the web app serves)
+    <data-dir>/thumbs/     gallery thumbnails
+    <data-dir>/gallery.sqlite
+    <data-dir>/models/tiny/  the offline demo family (built on first use of --demo)
+    <data-dir>/loras/      LoRA .safetensors files
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+APP_NAME = "sd35-studio"
+__version__ = "0.1.0"
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("SD35_STUDIO_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir(APP_NAME, appauthor=False))
+
+
+@dataclass
+class StudioConfig:
+    data_dir: Path = field(default_factory=default_data_dir)
+    model: str | None = None  # Hub id, local diffusers folder or .safetensors file
+    variant: str | None = None  # catalog variant name; inferred from the model when None
+    preset: str | None = None  # memory preset; None = auto
+    demo: bool = False  # use the offline tiny family
+    offline: bool = False  # never touch the network (sets HF_HUB_OFFLINE)
+    device: str | None = None  # cuda | mps | cpu; None = detect
+    host: str = "127.0.0.1"
+    port: int = 7860
+
+    def __post_init__(self):
+        self.data_dir = Path(self.data_dir).expanduser().resolve()
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def tiny_dir(self) -> Path:
+        return self.data_dir / "models" / "tiny"
+
+    @property
+    def loras_dir(self) -> Path:
+        return self.data_dir / "loras"
+
+    def ensure_dirs(self) -> None:
+        for d in (self.data_dir, self.images_dir):
+            d.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,569 @@
+"""One way to generate: ``Engine.generate(GenerationRequest)`` → images + per-image metadata.
+
+Every caller — the UI tabs, ``launch.py generate`` and the API — goes through here, so input is
+validated in exactly one place (``validate``) and every image carries the same metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import secrets
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Callable
+
+from .catalog import MAX_SIDE, MAX_T5_TOKENS, MIN_SIDE, SIZE_MULTIPLE, TURBO_VARIANT, Variant
+from .config import __version__
+from .models import free_memory
+
+MODES = ("txt2img", "img2img", "turbo")
+MAX_SEED = 2**32 - 1
+MAX_STEPS = 150
+MAX_GUIDANCE = 30.0
+MAX_BATCH_SIZE = 8
+MAX_BATCH_COUNT = 100
+MAX_IMAGES = 100
+MAX_PROMPT_CHARS = 10_000
+MAX_INIT_PIXELS = 40_000_000  # an init image above this is refused before it is decoded
+MAX_INIT_BYTES = 50 << 20
+CLIP_TOKENS = 77
+
+
+class ValidationError(ValueError):
+    """A request that cannot run. ``field`` names the offending input; the message says why."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+class GenerationError(RuntimeError):
+    """A generation that failed while running (out of memory, ...). The message says what to do."""
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str = ""
+    mode: str = "txt2img"  # txt2img | img2img | turbo
+    width: int | None = None  # None: the model's native size (img2img: the init image's)
+    height: int | None = None
+    steps: int | None = None  # None: the variant's recommended value
+    guidance: float | None = None
+    seed: int = -1  # -1: random; the seed used is reported
+    batch_count: int = 1  # how many times to run
+    batch_size: int = 1  # images per run
+    strength: float = 0.6  # img2img only
+    init_image: object | None = None  # PIL image, img2img only
+    slg: bool | None = None  # Skip Layer Guidance; None: the variant's advice
+    max_sequence_length: int = 256  # T5 tokens
+    shift: float | None = None  # scheduler shift; None: the model's (3.0)
+    variant: str | None = None  # None: the loaded model (turbo mode: Large Turbo)
+
+
+@dataclass
+class Resolved:
+    """A validated request with every default filled in."""
+
+    request: GenerationRequest
+    variant: Variant
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seed: int
+    slg: dict | None
+    shift: float
+    init_image: object | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def effective_steps(self) -> int:
+        if self.request.mode != "img2img":
+            return self.steps
+        return self.steps - int(max(self.steps - self.steps * self.request.strength, 0))
+
+
+@dataclass
+class GeneratedImage:
+    image: object  # PIL.Image
+    seed: int
+    metadata: dict
+    path: str | None = None  # the saved PNG, when saved to the gallery
+    id: str | None = None  # gallery id
+
+
+@dataclass
+class GenerationResult:
+    images: list[GeneratedImage]
+    seed: int  # the first seed used
+    notes: list[str]
+    cancelled: bool = False
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def info(self) -> str:
+        """A short human summary: seed, size, notes."""
+        if not self.images:
+            return "Cancelled before any image finished." if self.cancelled else "No images."
+        m = self.images[0].metadata
+        lines = [
+            f"{len(self.images)} image(s), {m['width']}×{m['height']}, {m['steps']} steps, "
+            f"CFG {m['guidance']}, seed {self.seed}, {m['model']}, {self.timings.get('total_s', 0):.1f}s"
+        ]
+        if self.cancelled:
+            lines.append("Cancelled: the finished images were kept.")
+        lines += self.notes
+        return "\n".join(lines)
+
+
+@dataclass
+class ProgressEvent:
+    step: int  # steps done in this run (1-based)
+    steps: int  # steps in this run
+    run: int  # 0-based run index (batch_count)
+    runs: int
+    latents: object | None = None  # torch tensor (for previews)
+    elapsed_s: float = 0.0
+
+    @property
+    def fraction(self) -> float:
+        return (self.run + self.step / max(self.steps, 1)) / max(self.runs, 1)
+
+    @property
+    def eta_s(self) -> float | None:
+        f = self.fraction
+        return self.elapsed_s * (1 - f) / f if f > 0 else None
+
+
+class CancelToken:
+    """Set from any thread; the engine stops between denoising steps and keeps finished images."""
+
+    def __init__(self):
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    def reset(self) -> None:
+        self._event.clear()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+# --- validation -------------------------------------------------------------------------------
+
+
+def _snap(value: int) -> int:
+    return max(SIZE_MULTIPLE, int(round(value / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
+
+
+def _check_number(name: str, value, lo, hi, label: str, integer: bool = False):
+    if isinstance(value, bool) or value is None:
+        raise ValidationError(f"{label} must be a number.", name)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValidationError(f"{label} must be a number, not {value!r}.", name) from None
+    if not math.isfinite(number):
+        raise ValidationError(f"{label} must be a finite number between {lo} and {hi}.", name)
+    if integer and number != int(number):
+        raise ValidationError(f"{label} must be a whole number between {lo} and {hi}.", name)
+    if not lo <= number <= hi:
+        raise ValidationError(f"{label} is {value}; it must be between {lo} and {hi}.", name)
+    return int(number) if integer else number
+
+
+def validate(req: GenerationRequest, variant: Variant, max_side: int = MAX_SIDE,
+             native_size: tuple[int, int] = (1024, 1024)) -> Resolved:
+    """Check a request against a variant and the loaded model's limits; fill in defaults.
+
+    Raises ValidationError with a message that names the allowed range or the fix.
+    Adjustments that are safe (sizes snapped to 16, SLG off where it cannot run) are made and
+    reported in ``notes``.
+    """
+    notes: list[str] = []
+    if req.mode not in MODES:
+        raise ValidationError(f"Unknown mode {req.mode!r}; use one of {', '.join(MODES)}.", "mode")
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(req, name)
+        if text is None:
+            text = ""
+            req = replace(req, **{name: ""})
+        if not isinstance(text, str):
+            raise ValidationError(f"The {name.replace('_', ' ')} must be text.", name)
+        if len(text) > MAX_PROMPT_CHARS:
+            raise ValidationError(
+                f"The {name.replace('_', ' ')} is {len(text):,} characters; the limit is "
+                f"{MAX_PROMPT_CHARS:,}. The text encoders read at most 77 (CLIP) and 512 (T5) tokens anyway.",
+                name,
+            )
+    if not req.prompt.strip():
+        notes.append("The prompt is empty: the image is not conditioned on any text.")
+
+    steps = variant.steps if req.steps is None else _check_number("steps", req.steps, 1, MAX_STEPS, "Steps", True)
+    guidance = variant.guidance if req.guidance is None else _check_number(
+        "guidance", req.guidance, 0.0, MAX_GUIDANCE, "Guidance (CFG scale)"
+    )
+    seed = _check_number("seed", req.seed, -1, MAX_SEED, "Seed", True)
+    if seed == -1:
+        seed = secrets.randbelow(MAX_SEED + 1)
+    batch_size = _check_number("batch_size", req.batch_size, 1, MAX_BATCH_SIZE, "Batch size", True)
+    batch_count = _check_number("batch_count", req.batch_count, 1, MAX_BATCH_COUNT, "Batch count", True)
+    if batch_size * batch_count > MAX_IMAGES:
+        raise ValidationError(
+            f"{batch_count} runs × {batch_size} images = {batch_size * batch_count} images; the limit "
+            f"is {MAX_IMAGES} per request.",
+            "batch_count",
+        )
+    msl = _check_number("max_sequence_length", req.max_sequence_length, 1, MAX_T5_TOKENS,
+                        "Max sequence length (T5 tokens)", True)
+    if msl > variant.max_sequence_length_warn:
+        notes.append(
+            f"{variant.label} shows edge artefacts past {variant.max_sequence_length_warn} T5 tokens; "
+            f"you asked for {msl}."
+        )
+    shift = 3.0 if req.shift is None else _check_number("shift", req.shift, 0.1, 20.0, "Shift")
+
+    init_image = None
+    if req.mode == "img2img":
+        if req.init_image is None:
+            raise ValidationError("img2img needs an init image: upload or paste one.", "init_image")
+        init_image = normalize_init_image(req.init_image)
+        strength = _check_number("strength", req.strength, 0.0, 1.0, "Strength")
+        if strength <= 0:
+            raise ValidationError(
+                "Strength 0 would return the init image unchanged; use a value above 0 "
+                "(0.3–0.5 keeps the composition, 0.7–0.9 repaints most of it).",
+                "strength",
+            )
+        if steps * strength < 1:
+            need_strength = math.ceil(100 / steps) / 100
+            raise ValidationError(
+                f"img2img runs about steps × strength denoising steps: {steps} × {strength:g} = "
+                f"{steps * strength:.2f}, less than one step. Raise the strength to at least "
+                f"{need_strength:g} or the steps to at least {math.ceil(1 / strength)}.",
+                "strength",
+            )
+
+    # Size: default to the model's native size (img2img: the init image's, brought within the
+    # model's limits), then snap to 16 and bound.
+    limit = min(max_side, MAX_SIDE)
+    width, height = req.width, req.height
+    if init_image is not None and (width is None or height is None):
+        w0, h0 = init_image.size
+        scale = min(1.0, math.sqrt(variant.max_pixels / (w0 * h0)), limit / max(w0, h0))
+        scale = max(scale, MIN_SIDE / min(w0, h0))
+        width = w0 * scale if width is None else width
+        height = h0 * scale if height is None else height
+    width = native_size[0] if width is None else width
+    height = native_size[1] if height is None else height
+    sizes = {}
+    for name, value in (("width", width), ("height", height)):
+        try:
+            value = _check_number(name, value, 1, 10**6, name.capitalize())
+        except ValidationError:
+            raise ValidationError(
+                f"{name.capitalize()} {value} is out of range: use {MIN_SIDE}–{limit} pixels "
+                f"(a multiple of {SIZE_MULTIPLE}).",
+                name,
+            ) from None
+        snapped = _snap(value)
+        if snapped < MIN_SIDE or snapped > limit:
+            raise ValidationError(
+                f"{name.capitalize()} {value:g} is out of range: use {MIN_SIDE}–{limit} pixels "
+                f"(a multiple of {SIZE_MULTIPLE}).",
+                name,
+            )
+        if snapped != value:
+            notes.append(f"{name.capitalize()} {value:g} was snapped to {snapped} (SD3 needs multiples of {SIZE_MULTIPLE}).")
+        sizes[name] = snapped
+    width, height = sizes["width"], sizes["height"]
+    pixels = width * height
+    if not variant.min_pixels <= pixels <= variant.max_pixels and native_size[0] >= 512:
+        notes.append(
+            f"{width}×{height} is outside the range {variant.label} was trained for "
+            f"(about {variant.min_pixels / 1e6:.2f}–{variant.max_pixels / 1e6:.1f} MP); expect weaker images."
+        )
+
+    slg = None
+    want_slg = variant.slg.recommended if req.slg is None else bool(req.slg)
+    if want_slg:
+        if req.mode != "txt2img":
+            if req.slg:
+                notes.append("Skip Layer Guidance runs in txt2img only; it was left off.")
+        elif guidance <= 1.0:
+            if req.slg:
+                notes.append("Skip Layer Guidance needs CFG (guidance above 1); it was left off.")
+        else:
+            a = variant.slg
+            slg = {"layers": list(a.layers), "scale": a.scale, "start": a.start, "stop": a.stop}
+            if not a.recommended:
+                notes.append(a.note)
+    if variant.distilled and req.negative_prompt.strip() and guidance <= 1.0:
+        notes.append(f"{variant.label} runs without CFG: the negative prompt has no effect.")
+    if req.mode == "turbo" and steps > 8:
+        notes.append(f"Turbo is distilled for about 4 steps; {steps} steps cost time and rarely help.")
+
+    return Resolved(req, variant, width, height, steps, guidance, seed, slg, shift, init_image, notes)
+
+
+def normalize_init_image(image):
+    """Any PIL image (RGBA, P, L, CMYK, 16-bit, EXIF-rotated, animated) → an RGB image."""
+    from PIL import Image, ImageOps
+
+    if not isinstance(image, Image.Image):
+        image = open_image(image)
+    if getattr(image, "is_animated", False):
+        image.seek(0)
+    w, h = image.size
+    if w < 1 or h < 1:
+        raise ValidationError("The init image is empty (0 pixels).", "init_image")
+    if w * h > MAX_INIT_PIXELS:
+        raise ValidationError(
+            f"The init image is {w}×{h} = {w * h / 1e6:.0f} MP; the limit is {MAX_INIT_PIXELS / 1e6:.0f} MP. "
+            "Downscale it first.",
+            "init_image",
+        )
+    try:
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            image = image.point(lambda v: v / 256).convert("L")
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            background = Image.new("RGB", rgba.size, (255, 255, 255))
+            background.paste(rgba, mask=rgba.getchannel("A"))
+            return background
+        return image.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise ValidationError(f"The init image could not be decoded: {e}. Try re-saving it as PNG or JPEG.",
+                              "init_image") from e
+
+
+def open_image(src):
+    """Open an image from a path or bytes, refusing decompression bombs before decoding."""
+    from PIL import Image
+
+    try:
+        if isinstance(src, (bytes, bytearray)):
+            if len(src) > MAX_INIT_BYTES:
+                raise ValidationError(f"The image file is over {MAX_INIT_BYTES >> 20} MB.", "init_image")
+            fp = io.BytesIO(src)
+        else:
+            import os
+
+            if os.path.getsize(src) > MAX_INIT_BYTES:
+                raise ValidationError(f"The image file is over {MAX_INIT_BYTES >> 20} MB.", "init_image")
+            fp = src
+        image = Image.open(fp)
+        w, h = image.size
+        if w * h > MAX_INIT_PIXELS:
+            raise ValidationError(
+                f"The image is {w}×{h} = {w * h / 1e6:.0f} MP; the limit is {MAX_INIT_PIXELS / 1e6:.0f} MP "
+                "(very large images are refused before decoding). Downscale it first.",
+                "init_image",
+            )
+        image.load()
+        return image
+    except ValidationError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ValidationError(f"The image is too large to decode safely: {e}", "init_image") from e
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ValidationError(f"The image could not be read ({e}). Is it a PNG, JPEG or WebP file?",
+                              "init_image") from e
+
+
+# --- previews ---------------------------------------------------------------------------------
+
+# ComfyUI's SD3 latent → RGB factors (16 × 3) and bias: a cheap preview with no download.
+SD3_LATENT_RGB = [
+    [-0.0645, 0.0177, 0.1052], [0.0028, 0.0312, 0.0650], [0.1848, 0.0762, 0.0360],
+    [0.0944, 0.0360, 0.0889], [0.0897, 0.0506, -0.0364], [-0.0020, 0.1203, 0.0284],
+    [0.0855, 0.0118, 0.0283], [-0.0539, 0.0658, 0.1047], [-0.0057, 0.0116, 0.0700],
+    [-0.0412, 0.0281, -0.0039], [0.1106, 0.1171, 0.1220], [-0.0248, 0.0682, -0.0481],
+    [0.0815, 0.0846, 0.1207], [-0.0120, -0.0055, -0.0867], [-0.0749, -0.0634, -0.0456],
+    [-0.1418, -0.1457, -0.1259],
+]
+SD3_LATENT_RGB_BIAS = [0.2394, 0.2135, 0.1925]
+
+
+def latents_to_preview(latents, max_side: int = 256):
+    """A cheap RGB preview of SD3 latents (first image of the batch) as a PIL image."""
+    import torch
+    from PIL import Image
+
+    lat = latents[0].detach().float().cpu()  # (16, h, w)
+    factors = torch.tensor(SD3_LATENT_RGB)
+    rgb = torch.einsum("chw,cr->rhw", lat, factors) + torch.tensor(SD3_LATENT_RGB_BIAS)[:, None, None]
+    rgb = ((rgb.clamp(-1, 1) + 1) * 127.5).byte().permute(1, 2, 0).numpy()
+    image = Image.fromarray(rgb)
+    scale = max_side / max(image.size)
+    return image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))), Image.NEAREST)
+
+
+# --- the engine -------------------------------------------------------------------------------
+
+
+class Engine:
+    """Validates requests, runs the pipeline under the model lock, saves to the gallery."""
+
+    def __init__(self, models, gallery=None):
+        self.models = models
+        self.gallery = gallery
+
+    def prepare(self, req: GenerationRequest, loaded) -> Resolved:
+        return validate(req, loaded.variant, loaded.max_side, loaded.native_size)
+
+    def _variant_for(self, req: GenerationRequest) -> str | None:
+        if req.mode == "turbo":
+            return req.variant or TURBO_VARIANT
+        return req.variant
+
+    def generate(
+        self,
+        req: GenerationRequest,
+        on_progress: Callable[[ProgressEvent], None] | None = None,
+        cancel: CancelToken | None = None,
+        owner: str | None = None,
+        on_image: Callable[[GeneratedImage], None] | None = None,
+    ) -> GenerationResult:
+        with self.models.use(self._variant_for(req)) as loaded:
+            resolved = self.prepare(req, loaded)
+            if req.mode == "turbo" and not loaded.variant.distilled:
+                resolved.notes.append(
+                    f"Turbo mode runs on {loaded.label}, which is not the distilled Turbo model; "
+                    "expect weak images at 4 steps."
+                )
+            return self._run(resolved, loaded, on_progress, cancel, owner, on_image)
+
+    def _run(self, r: Resolved, loaded, on_progress, cancel, owner, on_image) -> GenerationResult:
+        import torch
+
+        req = r.request
+        pipe = self.models.img2img(loaded) if req.mode == "img2img" else loaded.pipe
+        scheduler = pipe.scheduler
+        if r.shift != scheduler.config.get("shift", 3.0):
+            pipe.scheduler = type(scheduler).from_config(scheduler.config, shift=r.shift)
+        init_sha = None
+        init = None
+        if r.init_image is not None:
+            init = r.init_image.resize((r.width, r.height), resample=3) if r.init_image.size != (r.width, r.height) else r.init_image
+            init_sha = hashlib.sha256(init.tobytes()).hexdigest()
+        started = time.perf_counter()
+        images: list[GeneratedImage] = []
+        cancelled = False
+        try:
+            for run in range(req.batch_count):
+                if cancel and cancel.cancelled:
+                    cancelled = True
+                    break
+                seeds = [r.seed + run * req.batch_size + k for k in range(req.batch_size)]
+                run_started = time.perf_counter()
+
+                def on_step(p, i, t, kwargs, _run=run):
+                    if on_progress:
+                        on_progress(ProgressEvent(i + 1, p.num_timesteps, _run, req.batch_count,
+                                                  kwargs.get("latents"), time.perf_counter() - started))
+                    if cancel and cancel.cancelled:
+                        p._interrupt = True
+                    return {}
+
+                kwargs = dict(
+                    prompt=req.prompt,
+                    negative_prompt=req.negative_prompt or None,
+                    num_inference_steps=r.steps,
+                    guidance_scale=r.guidance,
+                    height=r.height,
+                    width=r.width,
+                    num_images_per_prompt=req.batch_size,
+                    generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                    max_sequence_length=req.max_sequence_length,
+                    callback_on_step_end=on_step,
+                    callback_on_step_end_tensor_inputs=["latents"],
+                )
+                if req.mode == "img2img":
+                    kwargs.update(image=init, strength=req.strength)
+                elif r.slg:
+                    kwargs.update(
+                        skip_guidance_layers=r.slg["layers"],
+                        skip_layer_guidance_scale=r.slg["scale"],
+                        skip_layer_guidance_start=r.slg["start"],
+                        skip_layer_guidance_stop=r.slg["stop"],
+                    )
+                try:
+                    out = pipe(**kwargs)
+                except torch.OutOfMemoryError as e:
+                    del e  # drop the traceback's references to the activations before freeing
+                    free_memory()
+                    raise GenerationError(_oom_message(loaded, r)) from None
+                if getattr(pipe, "_interrupt", False) or (cancel and cancel.cancelled):
+                    cancelled = True  # the interrupted run is half-denoised: not kept
+                    break
+                run_s = time.perf_counter() - run_started
+                for k, (image, s) in enumerate(zip(out.images, seeds)):
+                    meta = self._metadata(r, loaded, s, run, k, init_sha, run_s)
+                    item = GeneratedImage(image, s, meta)
+                    if self.gallery is not None:
+                        saved = self.gallery.save(image, meta, owner=owner)
+                        item.path, item.id = str(saved.path), saved.id
+                    images.append(item)
+                    if on_image:
+                        on_image(item)
+        finally:
+            pipe.scheduler = scheduler
+            pipe._interrupt = False
+        total = time.perf_counter() - started
+        return GenerationResult(images, r.seed, r.notes, cancelled, {"total_s": round(total, 3)})
+
+    def _metadata(self, r: Resolved, loaded, seed, run, k, init_sha, run_s) -> dict:
+        req = r.request
+        return {
+            "studio_version": __version__,
+            "mode": req.mode,
+            "prompt": req.prompt,
+            "negative_prompt": req.negative_prompt,
+            "steps": r.steps,
+            "guidance": r.guidance,
+            "seed": seed,
+            "width": r.width,
+            "height": r.height,
+            "variant": loaded.variant.name,
+            "model": loaded.label,
+            "source": loaded.source.ref,
+            "preset": loaded.placement.name,
+            "dtype": str(loaded.dtype).replace("torch.", ""),
+            "sampler": "Euler",
+            "scheduler": type(loaded.pipe.scheduler).__name__,
+            "shift": r.shift,
+            "slg": r.slg,
+            "max_sequence_length": req.max_sequence_length,
+            "strength": req.strength if req.mode == "img2img" else None,
+            "init_image_sha256": init_sha,
+            "batch_size": req.batch_size,
+            "batch_count": req.batch_count,
+            "batch_index": run,
+            "image_index": k,
+            "timings": {"run_s": round(run_s, 3)},
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+
+
+def _oom_message(loaded, r: Resolved) -> str:
+    return (
+        f"Out of GPU memory at {r.width}×{r.height} with {loaded.label} (preset {loaded.placement.name}). "
+        "The model is still loaded. Try a smaller size or batch, or pick a lower preset in "
+        "Models & Memory (e.g. 8-bit T5, NF4 or model offload)."
+    )
+
+
+def request_to_dict(req: GenerationRequest) -> dict:
+    d = asdict(replace(req, init_image=None))
+    d.pop("init_image")
+    return d

@@ -1,0 +1,38 @@
+"""Shared fixtures. Tests never touch the network: the Hub is switched off before anything imports it."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory):
+    """The four tiny variants, built once per test session: {variant: folder}."""
+    from studio.tiny import build_tiny_family
+
+    return build_tiny_family(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def demo_config(tmp_path, tiny_family):
+    """A demo-mode config whose data dir already holds the tiny family (no rebuild)."""
+    from studio.config import StudioConfig
+
+    config = StudioConfig(data_dir=tmp_path / "data", demo=True)
+    config.tiny_dir.parent.mkdir(parents=True)
+    config.tiny_dir.symlink_to(next(iter(tiny_family.values())).parent, target_is_directory=True)
+    return config
+
+
+@pytest.fixture
+def studio(demo_config):
+    from studio.services import Studio
+
+    return Studio(demo_config)
