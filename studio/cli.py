@@ -26,6 +26,9 @@ def _common(p: argparse.ArgumentParser, sub: bool = False) -> None:
     p.add_argument("--model",
                    help="Hub id, local diffusers folder or .safetensors file (default: the variant's Hub repo)",
                    default=d(None))
+    p.add_argument("--config-dir", type=Path, default=d(None), dest="single_file_config_dir", metavar="DIR",
+                   help="for a single .safetensors --model: a diffusers folder holding the configs "
+                        "and tokenizers (default: the variant's repo in the Hugging Face cache)")
     p.add_argument("--variant", choices=sorted(VARIANTS), default=d(None),
                    help="which SD3 variant (default: inferred from --model, else sd3.5-medium)")
     p.add_argument("--preset", default=d(None), help="memory preset (default: auto; see `launch.py plan`)")
@@ -85,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> StudioConfig:
     kwargs = {}
-    for name in ("model", "variant", "preset", "device"):
+    for name in ("model", "variant", "preset", "device", "single_file_config_dir"):
         if getattr(args, name, None) is not None:
             kwargs[name] = getattr(args, name)
     if getattr(args, "data_dir", None) is not None:

@@ -38,6 +38,7 @@ class StudioConfig:
     demo: bool = False  # use the offline tiny family
     offline: bool = False  # never touch the network (sets HF_HUB_OFFLINE)
     device: str | None = None  # cuda | mps | cpu; None = detect
+    single_file_config_dir: Path | None = None  # diffusers folder with configs/tokenizers for .safetensors files
     host: str = "127.0.0.1"
     port: int = 7860
 

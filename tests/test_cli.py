@@ -1,0 +1,136 @@
+"""launch.py as a user runs it: generate end to end, the start-up message without weights."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, data_dir, env=None, timeout=240):
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(data_dir / "hf"), **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), *args], capture_output=True, text=True,
+        timeout=timeout, env=full_env, cwd=ROOT,
+    )
+
+
+@pytest.fixture
+def data_dir(demo_config):
+    return demo_config.data_dir  # already holds the tiny family
+
+
+def test_generate_demo_writes_a_png_and_prints_its_path(data_dir):
+    from studio.pnginfo import read_png_info
+
+    out = run("generate", "a red fox", "--demo", "--steps", "3", "--seed", "11", "--data-dir", str(data_dir),
+              data_dir=data_dir)
+    assert out.returncode == 0, out.stderr
+    paths = out.stdout.split()
+    assert len(paths) == 1
+    png = Path(paths[0])
+    assert png.is_file() and png.suffix == ".png" and data_dir in png.parents
+    info = read_png_info(png)
+    assert info.fields["prompt"] == "a red fox" and info.fields["seed"] == 11 and info.fields["steps"] == 3
+    assert "seed: 11" in out.stderr
+
+
+def test_generate_json_with_flags_before_the_subcommand(data_dir, tmp_path):
+    out = run("--demo", "--data-dir", str(data_dir), "generate", "a cat", "--count", "2", "--seed", "5",
+              "--steps", "2", "--width", "250", "--height", "256", "--json", data_dir=data_dir)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert [i["seed"] for i in result["images"]] == [5, 6]
+    assert all(Path(i["path"]).is_file() for i in result["images"])
+    assert any("snapped to 256" in n for n in result["notes"])
+    # img2img from the first image
+    init = result["images"][0]["path"]
+    out = run("generate", "a cat", "--demo", "--data-dir", str(data_dir), "--mode", "img2img",
+              "--init-image", init, "--strength", "0.5", "--steps", "4", "--json", data_dir=data_dir)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["images"][0]["path"].endswith(".png")
+
+
+def test_generate_bad_input_is_a_message_not_a_traceback(data_dir):
+    out = run("generate", "x", "--demo", "--data-dir", str(data_dir), "--width", "0", data_dir=data_dir)
+    assert out.returncode == 2
+    assert "Width 0 is out of range: use 256–" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = run("generate", "x", "--demo", "--data-dir", str(data_dir), "--mode", "img2img", "--steps", "4",
+              "--init-image", str(data_dir / "missing.png"), data_dir=data_dir)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "missing.png" in out.stderr
+
+
+def test_generate_without_weights_says_how_to_get_them(tmp_path):
+    out = run("generate", "a red fox", "--data-dir", str(tmp_path / "d"), data_dir=tmp_path)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert "stabilityai/stable-diffusion-3.5-medium" in out.stderr
+    assert "licence" in out.stderr and "hf auth login" in out.stderr and "--demo" in out.stderr
+
+
+def test_model_flag_loads_any_sd3_folder(tiny_family, tmp_path):
+    """--model pointed at an SD3-architecture diffusers folder (not a studio demo build) generates."""
+    import shutil
+
+    foreign = tmp_path / "my-finetune"
+    shutil.copytree(tiny_family["sd3-medium"], foreign)
+    (foreign / "studio_tiny.json").unlink()  # nothing marks it as ours
+    out = run("generate", "a fox", "--model", str(foreign), "--steps", "2", "--width", "256", "--height", "256",
+              "--data-dir", str(tmp_path / "d"), "--json", data_dir=tmp_path)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["model"] == "SD3 Medium" and Path(result["images"][0]["path"]).is_file()
+
+
+def test_pickled_checkpoint_is_refused(tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"not really")
+    out = run("generate", "x", "--model", str(ckpt), "--data-dir", str(tmp_path / "d"), data_dir=tmp_path)
+    assert out.returncode == 2 and "pickled checkpoint" in out.stderr and "Traceback" not in out.stderr
+
+
+def _free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_studio_starts_without_weights_and_says_which_model_is_missing(tmp_path):
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "launch.py"), "--port", str(port), "--data-dir", str(tmp_path / "d")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+    )
+    try:
+        deadline = time.time() + 120
+        status = None
+        while time.time() < deadline and status is None:
+            time.sleep(1)
+            if proc.poll() is not None:
+                break
+            try:
+                status = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).status
+            except OSError:
+                pass
+        assert status == 200, "the studio serves its page without any weights"
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=30)[0]
+    assert "No model yet" in output and "stabilityai/stable-diffusion-3.5-medium" in output
+    assert "Traceback" not in output
+
+
+def test_share_without_auth_refuses(tmp_path):
+    out = run("--share", "--data-dir", str(tmp_path / "d"), data_dir=tmp_path, timeout=60)
+    assert out.returncode == 2 and "--auth" in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,155 @@
+"""The model manager: sources, safety, sharing by content, swap, failure recovery, Hub errors."""
+
+import json
+import shutil
+
+import pytest
+
+from studio.config import StudioConfig
+from studio.models import HUB_ALLOW, ModelError, ModelManager, parse_source
+
+
+@pytest.fixture
+def manager(tmp_path):
+    return ModelManager(StudioConfig(data_dir=tmp_path / "data"))
+
+
+def test_parse_source(tiny_family, tmp_path):
+    folder = tiny_family["sd3-medium"]
+    assert parse_source(str(folder)).kind == "folder"
+    assert parse_source("stabilityai/stable-diffusion-3.5-large").kind == "hub"
+    assert parse_source("sd3.5-large").ref == "stabilityai/stable-diffusion-3.5-large"
+    st = tmp_path / "sd3.5_medium.safetensors"
+    st.write_bytes(b"")
+    assert parse_source(str(st)).kind == "file"
+    for bad, words in [
+        ("model.ckpt", "pickled checkpoint"),
+        ("weights.bin", "pickled checkpoint"),
+        (str(tmp_path), "no model_index.json"),
+        (str(tmp_path / "nope"), "No such folder or file"),
+        ("", "No model given"),
+        ("not a model", "No such folder or file: not a model.*a Hub id such as"),
+    ]:
+        with pytest.raises(ModelError, match=words):
+            parse_source(bad)
+
+
+def test_swap_reloads_only_the_transformer(manager, tiny_family):
+    first = manager.load(str(tiny_family["sd3.5-large"]))
+    assert first.variant.name == "sd3.5-large" and first.is_tiny
+    assert {c for c, _ in manager.loads} == {
+        "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
+        "tokenizer", "tokenizer_2", "tokenizer_3", "scheduler",
+    }
+    manager.loads.clear()
+    second = manager.load(str(tiny_family["sd3.5-large-turbo"]))
+    assert [c for c, _ in manager.loads] == ["transformer"], "encoders, tokenizers, VAE, scheduler reused"
+    assert second.variant.name == "sd3.5-large-turbo"
+    for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        assert getattr(second.pipe, name) is getattr(first.pipe, name), name
+    assert second.pipe.transformer is not first.pipe.transformer
+    # back to Large: its transformer is still in the RAM cache — nothing is read from disk
+    manager.loads.clear()
+    third = manager.load(str(tiny_family["sd3.5-large"]))
+    assert manager.loads == [] and third.pipe.transformer is first.pipe.transformer
+
+
+def test_identity_is_by_content_not_by_path(manager, tiny_family, tmp_path):
+    copy = tmp_path / "copy-of-medium"
+    shutil.copytree(tiny_family["sd3.5-medium"], copy)
+    manager.load(str(tiny_family["sd3.5-medium"]))
+    manager.loads.clear()
+    manager.load(str(copy))
+    assert manager.loads == [], "an identical copy elsewhere is recognised by its hashes"
+    # change one byte of a weight file: that component (and only it) is loaded again
+    from safetensors.torch import load_file, save_file
+
+    vae_file = next((copy / "vae").glob("*.safetensors"))
+    tensors = load_file(vae_file)
+    key = next(iter(tensors))
+    tensors[key] = tensors[key] + 1
+    save_file(tensors, vae_file, metadata={"format": "pt"})
+    manager.load(str(copy))
+    assert [c for c, _ in manager.loads] == ["vae"]
+
+
+def test_hashes_are_cached_across_managers(tiny_family, tmp_path):
+    config = StudioConfig(data_dir=tmp_path / "data")
+    a = ModelManager(config)
+    a.load(str(tiny_family["sd3-medium"]))
+    assert a.hashes.hashed_bytes > 0
+    b = ModelManager(config)
+    b.load(str(tiny_family["sd3-medium"]))
+    assert b.hashes.hashed_bytes == 0, "unchanged files are not hashed again"
+
+
+def test_failed_load_keeps_the_previous_model(manager, tiny_family, tmp_path):
+    good = manager.load(str(tiny_family["sd3-medium"]))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_family["sd3.5-medium"], broken)
+    weights = next((broken / "transformer").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated download
+    with pytest.raises(ModelError, match="Could not load transformer"):
+        manager.load(str(broken))
+    assert manager.current is good
+    assert good.pipe("x", num_inference_steps=1, height=256, width=256, output_type="pil").images
+
+
+def test_foreign_pipeline_is_refused_clearly(manager, tiny_family, tmp_path):
+    other = tmp_path / "flux"
+    shutil.copytree(tiny_family["sd3-medium"], other)
+    index = json.loads((other / "model_index.json").read_text())
+    index["_class_name"] = "FluxPipeline"
+    (other / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelError, match="FluxPipeline, not a Stable Diffusion 3 pipeline"):
+        manager.load(str(other))
+
+
+def test_pickle_only_component_is_refused(manager, tiny_family, tmp_path):
+    other = tmp_path / "pickled"
+    shutil.copytree(tiny_family["sd3-medium"], other)
+    for f in (other / "vae").glob("*.safetensors"):
+        f.rename(f.with_suffix(".bin"))
+    with pytest.raises(ModelError, match=".safetensors only"):
+        manager.load(str(other))
+
+
+def test_availability_without_weights_never_touches_the_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    manager = ModelManager(StudioConfig(data_dir=tmp_path / "d"))
+    ok, message = manager.availability("sd3.5-large")
+    assert not ok
+    assert "https://huggingface.co/stabilityai/stable-diffusion-3.5-large" in message
+    assert "hf auth login" in message and "--demo" in message
+
+
+@pytest.mark.parametrize(
+    "error, words",
+    [
+        ("GatedRepoError", "is gated: accept its licence"),
+        ("RepositoryNotFoundError", "No repo"),
+        ("LocalEntryNotFoundError", "could not be reached"),
+    ],
+)
+def test_hub_errors_teach(manager, monkeypatch, error, words):
+    import huggingface_hub
+    import huggingface_hub.errors as errors
+
+    seen = {}
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        seen.update(kwargs)
+        cls = getattr(errors, error)
+        if error == "LocalEntryNotFoundError":
+            raise cls("offline")
+        import httpx
+
+        response = httpx.Response(401 if error == "GatedRepoError" else 404,
+                                  request=httpx.Request("GET", "https://hub.invalid"))
+        raise cls("nope", response=response)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    with pytest.raises(ModelError, match=words):
+        manager.load("stabilityai/stable-diffusion-3.5-large")
+    assert seen["allow_patterns"] == HUB_ALLOW and "*.bin" in seen["ignore_patterns"]
+    assert manager.current is None
