@@ -380,6 +380,29 @@ def open_image(src):
                               "init_image") from e
 
 
+def token_notes(pipe, prompt: str, max_sequence_length: int) -> list[str]:
+    """Say when the text encoders will not see the whole prompt."""
+    notes = []
+    if not prompt:
+        return notes
+    tok = getattr(pipe, "tokenizer", None)
+    if tok is not None:
+        n = len(tok(prompt, truncation=False, add_special_tokens=True).input_ids)
+        if n > CLIP_TOKENS:
+            notes.append(
+                f"The prompt is {n} CLIP tokens; the CLIP encoders read only the first {CLIP_TOKENS} "
+                f"(T5 reads up to {max_sequence_length})."
+            )
+    t5 = getattr(pipe, "tokenizer_3", None)
+    if t5 is not None and getattr(pipe, "text_encoder_3", None) is not None:
+        n = len(t5(prompt, truncation=False, add_special_tokens=True).input_ids)
+        if n > max_sequence_length:
+            more = (f"; raise max sequence length (up to {MAX_T5_TOKENS})"
+                    if max_sequence_length < MAX_T5_TOKENS else "")
+            notes.append(f"The prompt is {n} T5 tokens; T5 reads only the first {max_sequence_length}{more}.")
+    return notes
+
+
 # --- previews ---------------------------------------------------------------------------------
 
 # ComfyUI's SD3 latent → RGB factors (16 × 3) and bias: a cheap preview with no download.
@@ -408,18 +431,85 @@ def latents_to_preview(latents, max_side: int = 256):
     return image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))), Image.NEAREST)
 
 
+# --- prompt-embedding cache -------------------------------------------------------------------
+
+
+class PromptCache:
+    """A bounded LRU of prompt embeddings keyed by (prompt, negative, text encoders, length, CFG).
+
+    A hit skips all three text encoders — under offload presets that also saves moving T5 to the
+    GPU for every image. Entries live on the CPU (a few MB each for the real models).
+    """
+
+    def __init__(self, max_entries: int = 16):
+        from collections import OrderedDict
+
+        self.max_entries = max_entries
+        self._entries: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key):
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return self._entries[key]
+            self.misses += 1
+            return None
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 # --- the engine -------------------------------------------------------------------------------
 
 
 class Engine:
     """Validates requests, runs the pipeline under the model lock, saves to the gallery."""
 
-    def __init__(self, models, gallery=None):
+    def __init__(self, models, gallery=None, prompt_cache: PromptCache | None = None):
         self.models = models
         self.gallery = gallery
+        self.prompt_cache = prompt_cache if prompt_cache is not None else PromptCache()
 
     def prepare(self, req: GenerationRequest, loaded) -> Resolved:
-        return validate(req, loaded.variant, loaded.max_side, loaded.native_size)
+        resolved = validate(req, loaded.variant, loaded.max_side, loaded.native_size)
+        resolved.notes += token_notes(loaded.pipe, req.prompt, req.max_sequence_length)
+        return resolved
+
+    def encode(self, pipe, loaded, prompt: str, negative: str, cfg: bool, max_sequence_length: int):
+        """Prompt embeddings for one image, from the cache when the same prompt was seen."""
+        import torch
+
+        encoders = tuple(loaded.identities.get(n) for n in (
+            "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"))
+        key = (prompt, negative if cfg else None, cfg, max_sequence_length, encoders, str(loaded.dtype))
+        cached = self.prompt_cache.get(key) if None not in encoders[:2] else None
+        if cached is None:
+            with torch.no_grad():
+                out = pipe.encode_prompt(
+                    prompt=prompt, prompt_2=None, prompt_3=None,
+                    negative_prompt=negative if cfg else None,
+                    do_classifier_free_guidance=cfg, num_images_per_prompt=1,
+                    max_sequence_length=max_sequence_length,
+                )
+            cached = tuple(t.detach().to("cpu") if t is not None else None for t in out)
+            if None not in encoders[:2]:
+                self.prompt_cache.put(key, cached)
+        return cached
 
     def _variant_for(self, req: GenerationRequest) -> str | None:
         if req.mode == "turbo":
@@ -475,14 +565,23 @@ class Engine:
                         p._interrupt = True
                     return {}
 
+                cfg = r.guidance > 1.0
+                device = pipe._execution_device
+                pe, npe, ppe, nppe = (
+                    None if t is None else t.to(device).repeat_interleave(req.batch_size, 0)
+                    for t in self.encode(pipe, loaded, req.prompt, req.negative_prompt, cfg,
+                                         req.max_sequence_length)
+                )
                 kwargs = dict(
-                    prompt=req.prompt,
-                    negative_prompt=req.negative_prompt or None,
+                    prompt_embeds=pe,
+                    negative_prompt_embeds=npe,
+                    pooled_prompt_embeds=ppe,
+                    negative_pooled_prompt_embeds=nppe,
                     num_inference_steps=r.steps,
                     guidance_scale=r.guidance,
                     height=r.height,
                     width=r.width,
-                    num_images_per_prompt=req.batch_size,
+                    num_images_per_prompt=1,
                     generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
                     max_sequence_length=req.max_sequence_length,
                     callback_on_step_end=on_step,
