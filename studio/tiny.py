@@ -34,9 +34,23 @@ TINY_VARIANTS = ("sd3-medium", "sd3.5-medium", "sd3.5-large", "sd3.5-large-turbo
 TINY_FORMAT = 1
 _STAMP = "studio_tiny.json"
 
-_CLIP_HIDDEN = 32
-_T5_DIM = 64  # joint_attention_dim; must hold both CLIP hidden states side by side
 _SHARED_SEED = 1234
+
+
+def _dims(scale: int) -> dict:
+    """Widths of the shared encoders. ``scale`` > 1 makes a family big enough to time (the bench):
+    the proportions stay roughly real — T5 about half the Large transformer."""
+    clip = 32 * scale
+    t5 = 64 * scale  # joint_attention_dim; must hold both CLIP hidden states side by side
+    return {
+        "clip_hidden": clip,
+        "clip_ff": 37 if scale == 1 else 4 * clip,
+        "clip_layers": 2 if scale == 1 else 4,
+        "t5_dim": t5,
+        "t5_ff": 37 if scale == 1 else int(2.5 * t5),
+        "t5_layers": 2 if scale == 1 else 2 * scale,
+        "vae_channels": [16, 32, 32, 32] if scale == 1 else [16 * scale, 32 * scale, 32 * scale, 32 * scale],
+    }
 
 
 def _transformer_config(variant: str, scale: int) -> dict:
@@ -57,9 +71,9 @@ def _transformer_config(variant: str, scale: int) -> dict:
         "num_layers": layers * (2 if scale > 1 else 1),
         "attention_head_dim": head_dim,
         "num_attention_heads": heads,
-        "joint_attention_dim": _T5_DIM,
+        "joint_attention_dim": _dims(scale)["t5_dim"],
         "caption_projection_dim": heads * head_dim,
-        "pooled_projection_dim": 2 * _CLIP_HIDDEN,
+        "pooled_projection_dim": 2 * _dims(scale)["clip_hidden"],
         "pos_embed_max_size": pos,
         "qk_norm": qk,
         "dual_attention_layers": dual,
@@ -107,7 +121,7 @@ def _t5_vocab() -> list[tuple[str, float]]:
     return pieces
 
 
-def build_shared_components(seed: int = _SHARED_SEED) -> dict:
+def build_shared_components(seed: int = _SHARED_SEED, scale: int = 1) -> dict:
     """Text encoders, tokenizers, VAE and scheduler shared by every tiny variant."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
@@ -120,6 +134,7 @@ def build_shared_components(seed: int = _SHARED_SEED) -> dict:
         T5TokenizerFast,
     )
 
+    dims = _dims(scale)
     vocab, merges = _clip_vocab()
     clip_tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
     t5_tokenizer = T5TokenizerFast(vocab=_t5_vocab(), extra_ids=0, model_max_length=512)
@@ -128,10 +143,10 @@ def build_shared_components(seed: int = _SHARED_SEED) -> dict:
         torch.manual_seed(seed + seed_offset)
         config = CLIPTextConfig(
             vocab_size=len(vocab),
-            hidden_size=_CLIP_HIDDEN,
-            intermediate_size=37,
-            projection_dim=_CLIP_HIDDEN,
-            num_hidden_layers=2,
+            hidden_size=dims["clip_hidden"],
+            intermediate_size=dims["clip_ff"],
+            projection_dim=dims["clip_hidden"],
+            num_hidden_layers=dims["clip_layers"],
             num_attention_heads=4,
             max_position_embeddings=77,
             hidden_act=act,
@@ -147,11 +162,11 @@ def build_shared_components(seed: int = _SHARED_SEED) -> dict:
     text_encoder_3 = T5EncoderModel(
         T5Config(
             vocab_size=len(t5_tokenizer),
-            d_model=_T5_DIM,
-            d_ff=37,
+            d_model=dims["t5_dim"],
+            d_ff=dims["t5_ff"],
             d_kv=16,
-            num_heads=4,
-            num_layers=2,
+            num_heads=4 * scale,
+            num_layers=dims["t5_layers"],
             feed_forward_proj="gated-gelu",
             relative_attention_num_buckets=8,
             relative_attention_max_distance=32,
@@ -165,7 +180,7 @@ def build_shared_components(seed: int = _SHARED_SEED) -> dict:
         out_channels=3,
         down_block_types=["DownEncoderBlock2D"] * 4,
         up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[16, 32, 32, 32],
+        block_out_channels=dims["vae_channels"],
         layers_per_block=1,
         latent_channels=16,
         norm_num_groups=8,
@@ -205,7 +220,7 @@ def build_transformer(variant: str, scale: int = 1):
 def build_tiny_pipeline(variant: str, scale: int = 1, shared: dict | None = None):
     from diffusers import StableDiffusion3Pipeline
 
-    shared = shared or build_shared_components()
+    shared = shared or build_shared_components(scale=scale)
     return StableDiffusion3Pipeline(transformer=build_transformer(variant, scale), **shared)
 
 
@@ -235,7 +250,7 @@ def build_tiny_family(
         out[variant] = folder
         if not force and _stamp_ok(folder, variant, scale):
             continue
-        shared = shared or build_shared_components()
+        shared = shared or build_shared_components(scale=scale)
         pipe = build_tiny_pipeline(variant, scale, shared)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=root))
         pipe.save_pretrained(tmp)

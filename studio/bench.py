@@ -1,0 +1,278 @@
+"""Benchmarks that print ratios: ``python -m studio.bench [--json] [--quick] [--only NAME ...]``.
+
+Every ratio is measured side by side in one process (interleaved repeats, medians), never
+against a number from another run, so it holds on a busy shared machine too:
+
+- ``overhead_ratio``     studio ``Engine.generate`` (validation, prompt cache, gallery save)
+                         ÷ a bare diffusers pipeline call, same model and settings. Goal ≤ 1.03.
+- ``swap_shared_ratio``  switching to a variant that shares encoders + VAE ÷ a cold load.
+- ``swap_cached_ratio``  switching back to a variant still in the RAM cache ÷ a cold load. Goal ≤ 0.10.
+- ``prompt_cache_ratio`` a repeat prompt's encode time with the cache ÷ without; plus
+                         ``prompt_cache_hit_encoder_passes`` (goal 0).
+- ``startup_ratio``      ``launch.py --demo`` time to first HTTP 200 ÷ a bare gradio Blocks
+                         hello-world started the same way. Goal ≤ 1.5.
+- ``gallery_page_ms`` / ``gallery_search_ms``  one page / one search over 10,000 entries. Goal ≤ 50 ms.
+
+The GPU benchmark (full-size architectures, presets, peak VRAM vs the planner) is
+``python -m studio.bench_gpu``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GOALS = {
+    "overhead_ratio": ("<=", 1.03),
+    "swap_cached_ratio": ("<=", 0.10),
+    "prompt_cache_ratio": ("<=", 0.10),
+    "prompt_cache_hit_encoder_passes": ("==", 0),
+    "startup_ratio": ("<=", 1.5),
+    "gallery_page_ms": ("<=", 50.0),
+    "gallery_search_ms": ("<=", 50.0),
+}
+
+
+def _median_pair(a, b, repeat: int) -> tuple[float, float]:
+    """Time two callables alternately; return their median seconds."""
+    ta, tb = [], []
+    for i in range(repeat):
+        for fn, out in ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta)):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def bench_overhead(family: dict, work: Path, repeat: int, size: int, steps: int) -> dict:
+    import torch
+
+    from .config import StudioConfig
+    from .engine import Engine, GenerationRequest
+    from .gallery import Gallery
+    from .models import ModelManager
+
+    config = StudioConfig(data_dir=work / "overhead")
+    config.ensure_dirs()
+    engine = Engine(ModelManager(config), Gallery(config.data_dir))
+    engine.models.load(str(family["sd3.5-large"]))
+    pipe = engine.models.current.pipe
+    prompt = "a red fox in the snow, photograph"
+    req = GenerationRequest(prompt, steps=steps, guidance=3.5, seed=1, width=size, height=size)
+
+    def studio():
+        engine.generate(req)
+
+    def bare():
+        pipe(prompt, num_inference_steps=steps, guidance_scale=3.5, height=size, width=size,
+             generator=torch.Generator().manual_seed(1))
+
+    studio(), bare()  # warm up
+    t_studio, t_bare = _median_pair(studio, bare, repeat)
+    return {"overhead_ratio": t_studio / t_bare, "overhead_studio_s": t_studio, "overhead_bare_s": t_bare}
+
+
+def bench_swap(family: dict, work: Path, repeat: int) -> dict:
+    from .config import StudioConfig
+    from .models import ModelManager
+
+    config = StudioConfig(data_dir=work / "swap")
+    warm = ModelManager(config)
+    warm.load(str(family["sd3.5-large"]))  # fill the hash cache and the OS page cache
+
+    def cold():
+        ModelManager(config).load(str(family["sd3.5-large-turbo"]))
+
+    shared_times, cached_times, cold_times = [], [], []
+    for _ in range(repeat):
+        manager = ModelManager(config)
+        manager.load(str(family["sd3.5-large"]))
+        t0 = time.perf_counter()
+        manager.load(str(family["sd3.5-large-turbo"]))  # shares encoders + VAE
+        shared_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        manager.load(str(family["sd3.5-large"]))  # back: its transformer is in the RAM cache
+        cached_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        cold()
+        cold_times.append(time.perf_counter() - t0)
+    t_cold = statistics.median(cold_times)
+    return {
+        "swap_shared_ratio": statistics.median(shared_times) / t_cold,
+        "swap_cached_ratio": statistics.median(cached_times) / t_cold,
+        "swap_cold_s": t_cold,
+    }
+
+
+def bench_prompt_cache(family: dict, work: Path, repeat: int) -> dict:
+    from .config import StudioConfig
+    from .engine import Engine, PromptCache
+    from .models import ModelManager
+
+    manager = ModelManager(StudioConfig(data_dir=work / "cache"))
+    loaded = manager.load(str(family["sd3.5-large"]))
+    pipe = loaded.pipe
+    passes = {"n": 0}
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(pipe, name)
+        module.register_forward_hook(lambda *a: passes.__setitem__("n", passes["n"] + 1))
+    cached = Engine(manager)
+    uncached = Engine(manager, prompt_cache=PromptCache(max_entries=0))
+    prompt, negative = "a red fox in the snow, photograph", "blurry"
+    cached.encode(pipe, loaded, prompt, negative, True, 256)  # the miss that fills the cache
+    passes["n"] = 0
+    cached.encode(pipe, loaded, prompt, negative, True, 256)
+    hit_passes = passes["n"]
+    t_hit, t_miss = _median_pair(lambda: cached.encode(pipe, loaded, prompt, negative, True, 256),
+                                 lambda: uncached.encode(pipe, loaded, prompt, negative, True, 256), repeat)
+    return {"prompt_cache_ratio": t_hit / t_miss, "prompt_cache_hit_encoder_passes": hit_passes}
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _time_to_200(cmd: list[str], port: int, env: dict, timeout: float = 120) -> float:
+    import urllib.request
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+    try:
+        while time.perf_counter() - t0 < timeout:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode} before serving")
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).status == 200:
+                    return time.perf_counter() - t0
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"{' '.join(cmd)} did not answer within {timeout}s")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+HELLO = """
+import sys, gradio as gr
+with gr.Blocks() as demo:
+    gr.Markdown("hello")
+demo.launch(server_port=int(sys.argv[1]), server_name="127.0.0.1")
+"""
+
+
+def bench_startup(work: Path, repeat: int) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    data = work / "startup"
+    # build the demo family once, outside the timing: startup never builds models anyway
+    from .tiny import build_tiny_family
+
+    build_tiny_family(data / "models" / "tiny")
+
+    def studio():
+        port = _free_port()
+        return _time_to_200([sys.executable, str(ROOT / "launch.py"), "--demo", "--port", str(port),
+                             "--data-dir", str(data)], port, env)
+
+    def hello():
+        port = _free_port()
+        return _time_to_200([sys.executable, "-c", HELLO, str(port)], port, env)
+
+    ts, th = [], []
+    for i in range(repeat):
+        pair = (studio, hello) if i % 2 == 0 else (hello, studio)
+        for fn in pair:
+            (ts if fn is studio else th).append(fn())
+    s, h = statistics.median(ts), statistics.median(th)
+    return {"startup_ratio": s / h, "startup_studio_s": s, "startup_hello_s": h}
+
+
+def bench_gallery(n: int) -> dict:
+    from .bench_gallery import run
+
+    r = run(n=n)
+    return {"gallery_page_ms": r["page_ms"], "gallery_search_ms": r["search_ms"], "gallery_entries": n}
+
+
+def _verdict(key: str, value) -> str:
+    if key not in GOALS:
+        return ""
+    op, goal = GOALS[key]
+    ok = value <= goal if op == "<=" else value == goal
+    return f"{op} {goal:g}  {'ok' if ok else 'MISSED'}"
+
+
+def format_table(results: dict) -> str:
+    lines = [f"{'measure':36} {'value':>10}  goal"]
+    for key, value in results.items():
+        shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+        lines.append(f"{key:36} {shown:>10}  {_verdict(key, value)}")
+    return "\n".join(lines)
+
+
+def run(only: list[str] | None = None, quick: bool = False, work: Path | None = None) -> dict:
+    from .cli import quiet_libraries
+    from .tiny import build_tiny_family
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    quiet_libraries()
+    repeat = 3 if quick else 7
+    want = set(only or ["overhead", "swap", "cache", "startup", "gallery"])
+    tmp = None
+    if work is None:
+        tmp = tempfile.TemporaryDirectory(prefix="studio-bench-")
+        work = Path(tmp.name)
+    try:
+        results: dict = {}
+        family = None
+        if want & {"overhead", "swap", "cache"}:
+            # big enough to time: transformers of tens of MB, T5 about half of Large's
+            family = build_tiny_family(work / "family", variants=["sd3.5-large", "sd3.5-large-turbo"],
+                                       scale=1 if quick else 4)
+        if "overhead" in want:
+            results.update(bench_overhead(family, work, repeat, size=256 if quick else 384, steps=4))
+        if "swap" in want:
+            results.update(bench_swap(family, work, repeat))
+        if "cache" in want:
+            results.update(bench_prompt_cache(family, work, repeat * 3))
+        if "startup" in want:
+            results.update(bench_startup(work, 1 if quick else 3))
+        if "gallery" in want:
+            results.update(bench_gallery(1000 if quick else 10_000))
+        return results
+    finally:
+        if tmp:
+            tmp.cleanup()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m studio.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", action="store_true", help="print a JSON object of the ratios")
+    p.add_argument("--quick", action="store_true", help="smaller models and fewer repeats (for tests)")
+    p.add_argument("--only", nargs="+", choices=["overhead", "swap", "cache", "startup", "gallery"])
+    args = p.parse_args(argv)
+    results = run(args.only, args.quick)
+    if args.json:
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}, indent=2))
+    else:
+        print(format_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
