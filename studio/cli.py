@@ -74,15 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print a JSON object instead of paths")
     _common(gen, sub=True)
 
-    plan = sub.add_parser("plan", help="show which memory preset fits this machine, and why")
-    plan.add_argument("--vram", type=float, default=None, help="plan for this much VRAM (GB) per GPU")
-    plan.add_argument("--ram", type=float, default=None, help="plan for this much RAM (GB)")
-    plan.add_argument("--gpus", type=int, default=None, help="plan for this many GPUs")
-    plan.add_argument("--variant", choices=sorted(VARIANTS), default="sd3.5-large")
-    plan.add_argument("--width", type=int, default=1024)
-    plan.add_argument("--height", type=int, default=1024)
-    plan.add_argument("--device", choices=["cuda", "mps", "cpu"], default=None)
-    plan.add_argument("--json", action="store_true")
+    from .memory import add_plan_arguments
+
+    add_plan_arguments(sub.add_parser("plan", help="show which memory preset fits this machine, and why"))
     return parser
 
 

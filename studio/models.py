@@ -191,9 +191,14 @@ class Placement:
     component_kwargs: dict = field(default_factory=dict)  # extra from_pretrained kwargs per component
     skip: tuple[str, ...] = ()  # components left out (e.g. text_encoder_3 for no-T5)
     apply: Callable | None = None  # post-load step (offload hooks, layerwise casting)
+    pipeline_kwargs: dict | None = None  # load the whole pipeline at once (multi-GPU device_map)
 
     def key(self, component: str) -> str:
-        return f"{self.name}:{self.device}:{self.dtype}:{sorted(self.component_kwargs.get(component, {}))}"
+        """What, beyond the files, makes a loaded component what it is (dtype, quantization)."""
+        extra = json.dumps(self.component_kwargs.get(component, {}), sort_keys=True,
+                           default=lambda o: o.to_dict() if hasattr(o, "to_dict") else repr(o))
+        digest = hashlib.sha256(extra.encode()).hexdigest()[:12]
+        return f"{self.name}:{self.device}:{str(self.dtype).replace('torch.', '')}:{digest}"
 
 
 def default_placement(device: str | None = None) -> Placement:
@@ -339,6 +344,8 @@ class ModelManager:
                 f"{src} is a {index.get('_class_name')}, not a Stable Diffusion 3 pipeline. "
                 "The studio runs SD3 Medium, SD3.5 Medium, SD3.5 Large and Large Turbo."
             )
+        if placement.pipeline_kwargs is not None:
+            return self._load_whole(folder, src, variant, placement, progress)
         components: dict[str, object] = {}
         identities: dict[str, str] = {}
         names = [n for n in SD3_COMPONENTS if n in index]
@@ -376,6 +383,24 @@ class ModelManager:
             progress("Ready", 1.0)
         return LoadedModel(pipe, var, src, placement, identities, is_tiny=tiny is not None)
 
+    def _load_whole(self, folder, src, variant, placement, progress) -> LoadedModel:
+        """Multi-GPU: diffusers spreads the components itself (device_map="balanced"). Nothing
+        is shared with other variants in this mode. CUDA only."""
+        from diffusers import StableDiffusion3Pipeline
+
+        from .tiny import tiny_variant_of
+
+        if progress:
+            progress("Loading the pipeline across GPUs", 0.1)
+        try:
+            pipe = StableDiffusion3Pipeline.from_pretrained(folder, use_safetensors=True, **placement.pipeline_kwargs)
+        except Exception as e:
+            raise ModelError(f"Could not load {src} across GPUs: {_short(e)}") from e
+        pipe.set_progress_bar_config(disable=True)
+        tiny = tiny_variant_of(folder)
+        var = _infer_variant(variant, tiny, src, pipe.transformer.config)
+        return LoadedModel(pipe, var, src, placement, {}, is_tiny=tiny is not None)
+
     def _load_component(self, folder: Path, name: str, lib_cls, placement: Placement):
         library, cls_name = lib_cls
         if library not in ("diffusers", "transformers"):
@@ -398,7 +423,11 @@ class ModelManager:
         except ModelError:
             raise
         except Exception as e:
-            raise ModelError(f"Could not load {name} from {sub}: {_short(e)}") from e
+            hint = ""
+            if "GPU is needed for quantization" in str(e):
+                hint = (" — bitsandbytes quantization of the transformer needs a CUDA GPU (diffusers "
+                        "refuses it on CPU). Pick a CPU preset such as cpu-bf16 or cpu-fp32.")
+            raise ModelError(f"Could not load {name} from {sub}: {_short(e)}{hint}") from e
 
     def _place(self, pipe, placement: Placement) -> None:
         if placement.apply:
@@ -550,11 +579,69 @@ def download(repo_id: str, progress: ProgressFn | None = None) -> Path:
     return Path(path)
 
 
-def placement_for(config: StudioConfig, preset: str | None = "auto", variant: str | None = None) -> Placement:
-    """The Placement for a memory preset name ("auto"/None: the default for this device)."""
+def placement_from_preset(preset, device: str, hardware=None, validate_on_cpu: bool = False) -> Placement:
+    """Turn a memory preset (studio.memory) into per-component loading and a post-load step.
+
+    ``validate_on_cpu``: run a CUDA preset's loading on the CPU as far as the libraries allow —
+    8-bit / NF4 T5 (transformers + bitsandbytes) and fp8 layerwise casting run; an NF4
+    transformer stops at diffusers' refusal, reported as a ModelError. Used by the tests to hold
+    the planner's byte estimates against what loading really allocates.
+    """
+    from .memory import apply_fp8_storage
+
+    if validate_on_cpu:
+        kwargs = preset.load_kwargs("cuda")
+        kwargs.pop("device_map", None)
+        device = "cpu"
+
+        def apply(pipe):
+            if preset.transformer == "fp8":
+                apply_fp8_storage(pipe.transformer, preset.dtype)
+            return pipe
+    else:
+        kwargs = preset.load_kwargs(device, hardware)
+
+        def apply(pipe):
+            return preset.apply(pipe, device)
+
+    quant = kwargs.get("quantization_config")
+    mapping = dict(getattr(quant, "quant_mapping", None) or {})
+    no_t5 = "text_encoder_3" in kwargs and kwargs["text_encoder_3"] is None
+    return Placement(
+        name=preset.name,
+        device=device,
+        dtype=kwargs["dtype"],
+        component_kwargs={name: {"quantization_config": cfg} for name, cfg in mapping.items()},
+        skip=("text_encoder_3", "tokenizer_3") if no_t5 else (),
+        apply=apply,
+        pipeline_kwargs=kwargs if "device_map" in kwargs else None,
+    )
+
+
+def placement_for(config: StudioConfig, preset: str | None = "auto", variant: str | None = None,
+                  hardware=None) -> Placement:
+    """The Placement for a memory preset name; "auto" asks the planner (the demo family is tiny:
+    it runs with the device's default). Raises ModelError when the preset cannot run here."""
+    from .hardware import detect_hardware
+    from .memory import choose, get_preset
+
     preset = preset or config.preset or "auto"
+    try:
+        hardware = hardware or detect_hardware(device=config.device)
+    except ValueError as e:
+        raise ModelError(str(e)) from e
     if preset == "auto":
-        return default_placement(config.device)
-    if preset in ("cpu-fp32", "cpu"):
-        return default_placement("cpu")
-    return default_placement(config.device)
+        if config.demo:
+            return default_placement(hardware.device)
+        plan = choose(hardware, variant or config.variant or "sd3.5-medium")
+        if not plan.fits:
+            log.warning("no preset fits: %s", plan.explanation.splitlines()[0])
+        preset = plan.preset
+    try:
+        chosen = get_preset(preset)
+    except (KeyError, ValueError) as e:
+        raise ModelError(str(e.args[0] if e.args else e)) from e
+    problem = chosen.check(hardware)
+    if problem:
+        raise ModelError(f"Preset {chosen.name!r} cannot run here: {problem}")
+    return placement_from_preset(chosen, hardware.device, hardware)
