@@ -1,0 +1,185 @@
+"""Shared control groups. Each group is a small class whose attributes are its components, so a
+tab composes groups instead of repeating them (and "reuse parameters" finds a field's component
+through ``fields``).
+
+Nothing here validates: values go to the engine as they are, and the engine says what is wrong.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from ..catalog import ASPECT_PRESETS, MAX_T5_TOKENS
+
+NATIVE = "Native (model size)"
+MATCH_INIT = "Match init image"
+CUSTOM = "Custom"
+
+# Slider ranges only (the engine owns the limits and says when a value is out of range).
+MAX_STEPS_UI = 150
+MAX_BATCH_COUNT_UI = 16
+MAX_BATCH_SIZE_UI = 8
+
+
+class PromptRow:
+    """Prompt + negative prompt on the left, Generate / Cancel on the right."""
+
+    def __init__(self, prefix: str, negative: bool = True, placeholder: str = "Describe the image…"):
+        with gr.Row(equal_height=False, elem_classes=["prompt-row"]):
+            with gr.Column(scale=8, min_width=320):
+                self.prompt = gr.Textbox(
+                    label="Prompt", lines=3, max_lines=12, placeholder=placeholder,
+                    elem_id=f"{prefix}-prompt",
+                )
+                self.negative = gr.Textbox(
+                    label="Negative prompt", lines=1, max_lines=6, visible=negative,
+                    placeholder="What to avoid (used only with CFG)", elem_id=f"{prefix}-negative",
+                )
+            with gr.Column(scale=1, min_width=150, elem_classes=["action-col"]):
+                self.generate = gr.Button("Generate", variant="primary", size="lg",
+                                          elem_id=f"{prefix}-generate", elem_classes=["generate-btn"])
+                self.cancel = gr.Button("Cancel", variant="stop", size="md", elem_id=f"{prefix}-cancel")
+
+
+class SeedRow:
+    """Seed (-1 = random) with a dice (random) and a recycle (reuse the last seed used) button."""
+
+    def __init__(self, prefix: str):
+        self.last_seed = gr.State(None)
+        with gr.Row(equal_height=False, elem_classes=["seed-row"]):
+            self.seed = gr.Number(value=-1, label="Seed (-1 = random)", precision=0, scale=4,
+                                  min_width=140, elem_id=f"{prefix}-seed")
+            with gr.Column(scale=1, min_width=110, elem_classes=["seed-buttons"]):
+                self.randomize = gr.Button("Random", size="sm", elem_id=f"{prefix}-seed-random")
+                self.reuse = gr.Button("Last used", size="sm", elem_id=f"{prefix}-seed-reuse")
+        self.randomize.click(lambda: -1, None, self.seed, queue=False, api_visibility="private")
+        self.reuse.click(lambda last, cur: cur if last is None else last, [self.last_seed, self.seed],
+                         self.seed, queue=False, api_visibility="private")
+
+
+class SizeGroup:
+    """Aspect presets plus custom width/height.
+
+    The first choice means "let the engine decide" (the model's native size for txt2img — the
+    tiny demo's is 256² — or the init image's size for img2img): width and height go as None.
+    Width/height show for Custom only; the engine snaps them to multiples of 16 and says so.
+    """
+
+    def __init__(self, prefix: str, native_label: str = NATIVE, native_size=None):
+        self.native_label = native_label
+        choices = [native_label, *ASPECT_PRESETS, CUSTOM]
+        self.native_size = native_size
+        self.aspect = gr.Dropdown(choices, value=native_label, label="Size", elem_id=f"{prefix}-aspect")
+        with gr.Row(visible=False) as self.custom_row:
+            self.width = gr.Number(value=1024, label="Width", precision=0, step=16, elem_id=f"{prefix}-width")
+            self.height = gr.Number(value=1024, label="Height", precision=0, step=16, elem_id=f"{prefix}-height")
+        self.aspect.change(self._preset, [self.aspect, self.width, self.height],
+                           [self.width, self.height, self.custom_row], queue=False, api_visibility="private")
+
+    def _preset(self, aspect, width, height):
+        """Presets fill W/H (so Custom starts from the last choice); W/H show only for Custom."""
+        custom = gr.update(visible=aspect == CUSTOM)
+        if aspect in ASPECT_PRESETS:
+            return *ASPECT_PRESETS[aspect], custom
+        if aspect == self.native_label and self.native_size is not None:
+            size = self.native_size()
+            if size:
+                return size[0], size[1], custom
+        return width, height, custom
+
+    def size(self, aspect, width, height) -> tuple[int | None, int | None]:
+        """What the request gets: None/None for the automatic choice, else the numbers as typed."""
+        if aspect == self.native_label:
+            return None, None
+        if aspect in ASPECT_PRESETS:
+            return ASPECT_PRESETS[aspect]
+        return width, height
+
+    def updates_for(self, width, height) -> list:
+        """Updates (aspect, width, height, custom_row) showing a reused size."""
+        for name, wh in ASPECT_PRESETS.items():
+            if wh == (width, height):
+                return [gr.update(value=name), width, height, gr.update(visible=False)]
+        return [gr.update(value=CUSTOM), width, height, gr.update(visible=True)]
+
+
+class SamplingGroup:
+    """Steps and guidance (defaults: the variant's recommendation)."""
+
+    def __init__(self, prefix: str, steps: int, guidance: float, guidance_visible: bool = True,
+                 max_steps: int = MAX_STEPS_UI):
+        with gr.Row():
+            self.steps = gr.Slider(1, max_steps, value=steps, step=1, label="Steps",
+                                   elem_id=f"{prefix}-steps")
+            self.guidance = gr.Slider(0, 15, value=guidance, step=0.1, label="Guidance (CFG)",
+                                      visible=guidance_visible, elem_id=f"{prefix}-guidance")
+
+
+class BatchGroup:
+    def __init__(self, prefix: str):
+        with gr.Row():
+            self.batch_count = gr.Slider(1, MAX_BATCH_COUNT_UI, value=1, step=1, label="Batch count",
+                                         elem_id=f"{prefix}-batch-count")
+            self.batch_size = gr.Slider(1, MAX_BATCH_SIZE_UI, value=1, step=1, label="Batch size",
+                                        elem_id=f"{prefix}-batch-size")
+
+
+class AdvancedGroup:
+    """Skip Layer Guidance (offered for Medium variants), scheduler shift, T5 tokens."""
+
+    def __init__(self, prefix: str, slg_visible: bool, slg_value: bool, with_slg: bool = True):
+        with gr.Accordion("Advanced", open=False, elem_id=f"{prefix}-advanced"):
+            self.slg = gr.Checkbox(
+                value=slg_value, label="Skip Layer Guidance (layers 7–9)", visible=with_slg and slg_visible,
+                info="Better anatomy on SD3.5 Medium; one extra pass per step while active.",
+                elem_id=f"{prefix}-slg",
+            )
+            with gr.Row():
+                self.shift = gr.Slider(0.5, 10, value=3.0, step=0.1, label="Scheduler shift",
+                                       elem_id=f"{prefix}-shift")
+                self.max_sequence_length = gr.Slider(
+                    32, MAX_T5_TOKENS, value=256, step=1, label="Max sequence length (T5 tokens)",
+                    elem_id=f"{prefix}-msl",
+                )
+
+
+class ResultPanel:
+    """Live preview + progress, the saved PNGs, the info text and "send to img2img"."""
+
+    def __init__(self, prefix: str):
+        self.paths = gr.State([])
+        self.selected = gr.State(0)
+        self.progress = gr.HTML("", elem_id=f"{prefix}-progress", elem_classes=["job-progress"])
+        self.preview = gr.Image(label="Preview", show_label=False, type="pil", interactive=False, visible=False,
+                                height=360, elem_id=f"{prefix}-preview", buttons=[])
+        self.gallery = gr.Gallery(
+            label="Results", show_label=False, format="png", columns=2, height=460, object_fit="contain",
+            preview=False, interactive=False, elem_id=f"{prefix}-results",
+            buttons=["download", "fullscreen"],
+        )
+        self.info = gr.Textbox(label="Info", lines=2, max_lines=8, interactive=False,
+                               elem_id=f"{prefix}-info", buttons=["copy"])
+        with gr.Row():
+            label = "Use as init image" if prefix == "img2img" else "Send to img2img"
+            self.send_to_img2img = gr.Button(label, size="sm", elem_id=f"{prefix}-send-img2img")
+        self.gallery.select(_selected_index, None, self.selected, queue=False, api_visibility="private")
+
+
+def _selected_index(evt: gr.SelectData):
+    return evt.index if isinstance(evt.index, int) else 0
+
+
+def progress_html(step: int, steps: int, run: int, runs: int, eta_s: float | None, fraction: float) -> str:
+    """A small progress bar (numbers only: nothing user-supplied goes into this HTML)."""
+    pct = max(0.0, min(1.0, float(fraction))) * 100
+    eta = "" if eta_s is None else f" · ETA {_fmt_s(eta_s)}"
+    runs_txt = f"Run {run + 1}/{runs} · " if runs > 1 else ""
+    return (
+        f'<div class="sd-progress"><div class="sd-progress-bar" style="width:{pct:.1f}%"></div></div>'
+        f'<div class="sd-progress-text">{runs_txt}Step {int(step)}/{int(steps)} · {pct:.0f}%{eta}</div>'
+    )
+
+
+def _fmt_s(s: float) -> str:
+    s = max(0, int(round(s)))
+    return f"{s // 60}m {s % 60:02d}s" if s >= 60 else f"{s}s"

@@ -1,0 +1,59 @@
+"""Text to image: prompt, size, sampling, seed, batch, advanced (SLG, shift, T5 tokens)."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from ..engine import GenerationRequest
+from .controls import AdvancedGroup, BatchGroup, PromptRow, ResultPanel, SamplingGroup, SeedRow, SizeGroup
+from .generate import GenTab, slg_offered
+
+
+class Txt2ImgTab(GenTab):
+    mode = "txt2img"
+    tab_id = "txt2img"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        variant = ctx.variant()
+        p = self.tab_id
+        self.prompt_row = PromptRow(p)
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5, min_width=320, elem_classes=["settings-col"]):
+                self.size = SizeGroup(p, native_size=ctx.native_size)
+                self.sampling = SamplingGroup(p, variant.steps, variant.guidance)
+                self.seed_row = SeedRow(p)
+                self.batch = BatchGroup(p)
+                self.advanced = AdvancedGroup(p, slg_visible=slg_offered(variant),
+                                              slg_value=variant.slg.recommended)
+            with gr.Column(scale=6, min_width=360):
+                self.result = ResultPanel(p)
+
+    def inputs(self) -> list:
+        return [self.prompt_row.prompt, self.prompt_row.negative, self.size.aspect, self.size.width,
+                self.size.height, self.sampling.steps, self.sampling.guidance, self.seed_row.seed,
+                self.batch.batch_count, self.batch.batch_size, self.advanced.slg, self.advanced.shift,
+                self.advanced.max_sequence_length]
+
+    def request(self, v: dict) -> GenerationRequest:
+        width, height = self.size.size(v[self.size.aspect], v[self.size.width], v[self.size.height])
+        return GenerationRequest(
+            prompt=v[self.prompt_row.prompt],
+            negative_prompt=v[self.prompt_row.negative],
+            mode="txt2img",
+            width=width,
+            height=height,
+            steps=v[self.sampling.steps],
+            guidance=v[self.sampling.guidance],
+            seed=v[self.seed_row.seed] if v[self.seed_row.seed] is not None else -1,
+            batch_count=v[self.batch.batch_count],
+            batch_size=v[self.batch.batch_size],
+            slg=bool(v[self.advanced.slg]) if slg_offered(self.ctx.variant()) else None,
+            shift=v[self.advanced.shift],
+            max_sequence_length=v[self.advanced.max_sequence_length],
+            variant=self.ctx.variant_for_request(),
+        )
+
+
+def create_ui(ctx) -> Txt2ImgTab:
+    return Txt2ImgTab(ctx)

@@ -1,0 +1,43 @@
+"""Launching the studio's web app in-process for the API and browser tests (demo mode: the tiny
+offline SD3 family). Imported by tests/test_api.py and tests/test_browser.py."""
+
+from __future__ import annotations
+
+import socket
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_studio(data_dir, tiny_family=None, shared: bool = False):
+    """Yield (url, studio) for a launched app; closes it afterwards.
+
+    ``tiny_family`` (the session fixture from conftest.py) is linked in so the demo models are
+    not rebuilt per module.
+    """
+    from studio.config import StudioConfig
+    from studio.server import launch_kwargs
+    from studio.services import Studio
+    from studio.ui.app import build_app, launch_options
+
+    config = StudioConfig(data_dir=data_dir, demo=True, port=free_port())
+    if tiny_family:
+        config.tiny_dir.parent.mkdir(parents=True, exist_ok=True)
+        config.tiny_dir.symlink_to(next(iter(tiny_family.values())).parent, target_is_directory=True)
+    studio = Studio(config)
+    studio.shared = shared
+    demo = build_app(studio)
+    demo.queue(default_concurrency_limit=1, max_size=64)
+    kwargs = launch_kwargs(config, SimpleNamespace())
+    kwargs.update(quiet=True, prevent_thread_lock=True)
+    demo.launch(**kwargs, **launch_options())
+    try:
+        yield f"http://127.0.0.1:{config.port}/", studio
+    finally:
+        demo.close()
