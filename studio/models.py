@@ -317,7 +317,9 @@ class ModelManager:
             if src.kind == "file":
                 from .singlefile import resolve_single_file
 
-                folder, file_overrides = resolve_single_file(Path(src.ref), self.config)
+                folder, file_overrides = resolve_single_file(
+                    Path(src.ref), self.config, hashes=self.hashes, progress=progress
+                )
             else:
                 folder, file_overrides = self._resolve_folder(src, progress), {}
             loaded = self._load_folder(folder, src, variant, placement, progress, file_overrides)
