@@ -164,6 +164,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             def progress(ev):
                 print(f"\r  step {ev.step}/{ev.steps} (run {ev.run + 1}/{ev.runs})", end="", file=sys.stderr)
         result = engine.generate(req, on_progress=progress)
+        result.wait_saved()
     except (ValidationError, ModelError, GenerationError, GalleryError) as e:
         return _fail(str(e))
     if progress:

@@ -93,8 +93,23 @@ class GeneratedImage:
     image: object  # PIL.Image
     seed: int
     metadata: dict
-    path: str | None = None  # the saved PNG, when saved to the gallery
-    id: str | None = None  # gallery id
+    saving: object | None = None  # Future of the GalleryImage while the gallery writes it
+
+    @property
+    def saved(self):
+        """The gallery record (waits for the background save; raises GalleryError if it failed)."""
+        return self.saving.result() if self.saving is not None else None
+
+    @property
+    def path(self) -> str | None:
+        """The saved PNG, when saved to the gallery."""
+        saved = self.saved
+        return str(saved.path) if saved is not None else None
+
+    @property
+    def id(self) -> str | None:
+        saved = self.saved
+        return saved.id if saved is not None else None
 
 
 @dataclass
@@ -104,6 +119,10 @@ class GenerationResult:
     notes: list[str]
     cancelled: bool = False
     timings: dict = field(default_factory=dict)
+
+    def wait_saved(self) -> list:
+        """Wait until every image is in the gallery; returns their records (GalleryError on failure)."""
+        return [i.saved for i in self.images if i.saving is not None]
 
     @property
     def info(self) -> str:
@@ -609,9 +628,8 @@ class Engine:
                 for k, (image, s) in enumerate(zip(out.images, seeds)):
                     meta = self._metadata(r, loaded, s, run, k, init_sha, run_s)
                     item = GeneratedImage(image, s, meta)
-                    if self.gallery is not None:
-                        saved = self.gallery.save(image, meta, owner=owner)
-                        item.path, item.id = str(saved.path), saved.id
+                    if self.gallery is not None:  # written in the background: the next run starts now
+                        item.saving = self.gallery.save_async(image, meta, owner=owner)
                     images.append(item)
                     if on_image:
                         on_image(item)

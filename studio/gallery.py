@@ -238,6 +238,8 @@ class Gallery:
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
+        self._writer = None  # a one-thread executor for save_async, made on first use
+        self._pending: set = set()
         try:
             self._images.mkdir(parents=True, exist_ok=True)
             self._thumbs.mkdir(parents=True, exist_ok=True)
@@ -305,8 +307,41 @@ class Gallery:
 
         return self._write(create)
 
+    # --- saving off the critical path -------------------------------------------------------
+
+    def save_async(self, image: Image.Image, meta: dict, owner: str | None = None):
+        """Save on the gallery's writer thread; returns a ``concurrent.futures.Future`` of the
+        GalleryImage (its ``result()`` raises GalleryError when the save failed).
+
+        The caller gets control back at once, so the next image can be denoised while this one
+        is encoded and indexed. Saves run in order; ``flush()`` (also run at interpreter exit)
+        waits for every pending one, so nothing is lost on a clean shutdown.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        with self._conns_lock:
+            if self._writer is None:
+                import atexit
+
+                self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gallery-save")
+                atexit.register(self.flush)
+            future = self._writer.submit(self.save, image, meta, owner)
+            self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
+        return future
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for pending saves; True when none is left."""
+        from concurrent.futures import wait
+
+        pending = list(self._pending)
+        if pending:
+            wait(pending, timeout=timeout)
+        return not self._pending
+
     def close(self) -> None:
         """Close every connection this object opened (call when the app shuts down)."""
+        self.flush()
         with self._conns_lock:
             for conn in self._conns:
                 try:

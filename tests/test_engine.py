@@ -1,6 +1,7 @@
 """The one engine: validation that teaches, txt2img / img2img / turbo, determinism, cancel."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -306,3 +307,56 @@ def test_long_prompts_report_truncation(engine):
                                                max_sequence_length=64))
     assert any("CLIP encoders read only the first 77" in n for n in result.notes)
     assert any("T5 reads only the first 64" in n for n in result.notes)
+
+
+# --- saving off the critical path ---
+
+
+def test_gallery_saves_do_not_delay_the_result_and_are_never_lost(demo_config, monkeypatch):
+    import threading
+    import time
+
+    from studio.gallery import Gallery
+
+    gallery = Gallery(demo_config.data_dir)
+    engine = Engine(ModelManager(demo_config), gallery)
+    engine.generate(GenerationRequest("warm", steps=1, seed=1, width=256, height=256)).wait_saved()
+    release = threading.Event()
+    original = Gallery.save
+
+    def slow_save(self, *a, **k):
+        release.wait(30)
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(Gallery, "save", slow_save)
+    t0 = time.perf_counter()
+    result = engine.generate(GenerationRequest("a fox", steps=1, seed=3, batch_count=2, width=256, height=256))
+    returned_s = time.perf_counter() - t0
+    assert len(result.images) == 2 and all(not i.saving.done() for i in result.images), \
+        "the images came back while their saves were still pending"
+    assert returned_s < 25
+    release.set()
+    assert gallery.flush(timeout=30)
+    records = result.wait_saved()
+    assert [r.seed for r in records] == [3, 4]
+    assert all(Path(i.path).is_file() for i in result.images)
+    assert gallery.count() == 3
+
+
+def test_a_failed_save_is_a_clear_error_not_a_lost_image(demo_config, monkeypatch):
+    import errno
+
+    from studio.gallery import Gallery, GalleryError
+
+    gallery = Gallery(demo_config.data_dir)
+    engine = Engine(ModelManager(demo_config), gallery)
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("studio.pnginfo.write_png", full_disk)
+    result = engine.generate(GenerationRequest("a fox", steps=1, seed=3, width=256, height=256))
+    assert result.images[0].image.size == (256, 256), "the image itself is still in hand"
+    with pytest.raises(GalleryError, match="(?i)space|full"):
+        result.wait_saved()
+    assert gallery.integrity_ok() and gallery.count() == 0
