@@ -153,7 +153,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         config.ensure_dirs()
         gallery = Gallery(config.data_dir)
-        models = ModelManager(config)
+        models = ModelManager(config, progress=lambda message, fraction: print(f"{message}…", file=sys.stderr))
         if not config.demo:
             ok, message = models.availability(args.variant if args.mode != "turbo" else "sd3.5-large-turbo")
             if not ok:

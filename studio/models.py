@@ -246,9 +246,11 @@ class LoadedModel:
 class ModelManager:
     """Loads, shares and swaps SD3 pipelines. Thread-safe: use ``with manager.use(...)``."""
 
-    def __init__(self, config: StudioConfig, placement: Placement | None = None, cache_bytes: int | None = None):
+    def __init__(self, config: StudioConfig, placement: Placement | None = None, cache_bytes: int | None = None,
+                 progress: ProgressFn | None = None):
         self.config = config
         self.placement = placement
+        self.progress = progress  # default load/download progress reporter (the CLI prints it)
         self.lock = threading.RLock()
         self.current: LoadedModel | None = None
         self.hashes = HashCache(config.data_dir / "cache" / "hashes.json")
@@ -256,7 +258,11 @@ class ModelManager:
         self._components: OrderedDict[str, object] = OrderedDict()
         self._cache_bytes = cache_bytes
         self._img2img = None
+        self._inpaint = None
         self.loads: list[tuple[str, str]] = []  # (component, identity) actually read from disk
+        from .lora import LoraLibrary
+
+        self.loras = LoraLibrary(config.loras_dir, self.hashes)
 
     # -- where a variant comes from --
 
@@ -313,6 +319,7 @@ class ModelManager:
         """
         src = parse_source(spec) if spec else self.source_for(variant)
         placement = placement or self.placement or default_placement(self.config.device)
+        progress = progress or self.progress
         with self.lock:
             if src.kind == "file":
                 from .singlefile import resolve_single_file
@@ -325,6 +332,7 @@ class ModelManager:
             loaded = self._load_folder(folder, src, variant, placement, progress, file_overrides)
             self.current = loaded
             self._img2img = None
+            self._inpaint = None
             self._trim_cache()
             return loaded
 
@@ -457,6 +465,7 @@ class ModelManager:
         with self.lock:
             self.current = None
             self._img2img = None
+            self._inpaint = None
             self._components.clear()
             free_memory()
 
@@ -480,6 +489,104 @@ class ModelManager:
                 pipe.set_progress_bar_config(disable=True)
                 self._img2img = (loaded, pipe)
             return self._img2img[1]
+
+    def inpaint(self, loaded: LoadedModel):
+        """The inpaint pipeline sharing every component (explicit dtype: no fp32 upcast).
+
+        SD3's transformers have 16 input channels: diffusers then blends the source latents back
+        outside the mask at every step (no dedicated inpainting model needed)."""
+        from diffusers import StableDiffusion3InpaintPipeline
+
+        with self.lock:
+            if self._inpaint is None or self._inpaint[0] is not loaded:
+                pipe = StableDiffusion3InpaintPipeline.from_pipe(loaded.pipe, dtype=loaded.dtype)
+                pipe.set_progress_bar_config(disable=True)
+                self._inpaint = (loaded, pipe)
+            return self._inpaint[1]
+
+    # -- LoRA --
+
+    def activate_loras(self, loaded: LoadedModel, selection) -> list:
+        """Make exactly ``selection`` ([(LoraInfo, weight)]) active on the loaded model.
+
+        Adapters stay loaded in the transformer (and text encoders) they were loaded into, so a
+        LoRA used again costs nothing; weight-0 entries are left out; an empty selection disables
+        every adapter, so the base model runs exactly. Returns the active [(LoraInfo, weight)].
+        Raises ModelError with what to do.
+        """
+        pipe = loaded.pipe
+        active = [(info, float(w)) for info, w in selection if float(w) != 0.0]
+        with self.lock:
+            loaded_names = _adapters_of(pipe)
+            if not active:
+                if loaded_names:
+                    pipe.disable_lora()
+                return []
+            problem = lora_blocker(loaded)
+            if problem:
+                raise ModelError(problem)
+            for info, _ in active:
+                if info.adapter_name in loaded_names:
+                    continue
+                try:
+                    pipe.load_lora_weights(str(info.path), adapter_name=info.adapter_name)
+                except Exception as e:  # shape mismatch: a LoRA for another model
+                    try:
+                        pipe.delete_adapters([info.adapter_name])
+                    except Exception:  # noqa: BLE001 — nothing was loaded
+                        pass
+                    raise ModelError(
+                        f"LoRA {info.name!r} does not fit {loaded.label}: {_short(e)}. LoRAs are made "
+                        "for one model (SD3 Medium, SD3.5 Medium or SD3.5 Large); pick a matching one."
+                    ) from e
+                if info.adapter_name not in _adapters_of(pipe):
+                    raise ModelError(f"LoRA {info.name!r} changed nothing in {loaded.label}: its keys "
+                                     "match no layer of this model.")
+            pipe.enable_lora()
+            pipe.set_adapters([i.adapter_name for i, _ in active], [w for _, w in active])
+            return active
+
+    def unload_loras(self) -> int:
+        """Remove every LoRA from the loaded model (the base weights are untouched). Returns how
+        many adapters were removed."""
+        with self.lock:
+            if self.current is None:
+                return 0
+            n = len(_adapters_of(self.current.pipe))
+            if n:
+                self.current.pipe.unload_lora_weights()
+            return n
+
+    def active_loras(self) -> list[str]:
+        if self.current is None:
+            return []
+        return sorted(_adapters_of(self.current.pipe))
+
+
+def _adapters_of(pipe) -> set[str]:
+    names: set[str] = set()
+    for comp in ("transformer", "text_encoder", "text_encoder_2"):
+        cfg = getattr(getattr(pipe, comp, None), "peft_config", None)
+        if cfg:
+            names |= set(cfg)
+    return names
+
+
+def lora_blocker(loaded: LoadedModel) -> str | None:
+    """Why this model cannot take a LoRA (None when it can)."""
+    from diffusers.utils import USE_PEFT_BACKEND
+
+    if not USE_PEFT_BACKEND:
+        return ("LoRAs need the peft package: `pip install peft` (see requirements.txt), then restart "
+                "the studio.")
+    transformer = loaded.pipe.transformer
+    quantized = getattr(getattr(transformer, "config", None), "quantization_config", None) is not None or any(
+        type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in transformer.modules())
+    if quantized or "nf4" in str(loaded.placement.name).lower():
+        return (f"The transformer is quantized (preset {loaded.placement.name}: bitsandbytes NF4/8-bit); "
+                "the studio does not apply LoRAs to a quantized transformer. Pick a preset that keeps "
+                "the transformer in bf16/fp16 (Models & Memory), or generate without LoRAs.")
+    return None
 
 
 def _infer_variant(requested: str | None, tiny: str | None, src: ModelSource, tconfig) -> Variant:

@@ -153,3 +153,53 @@ def test_hub_errors_teach(manager, monkeypatch, error, words):
         manager.load("stabilityai/stable-diffusion-3.5-large")
     assert seen["allow_patterns"] == HUB_ALLOW and "*.bin" in seen["ignore_patterns"]
     assert manager.current is None
+
+
+def test_ram_cache_is_bounded_least_recently_used_first(tiny_family, tmp_path):
+    from studio.models import _module_bytes
+
+    probe = ModelManager(StudioConfig(data_dir=tmp_path / "probe"))
+    one_transformer = _module_bytes(probe.load(str(tiny_family["sd3.5-large"])).pipe.transformer)
+    # room for about one transformer that is not in use
+    manager = ModelManager(StudioConfig(data_dir=tmp_path / "d"), cache_bytes=int(one_transformer * 1.5))
+    for name in ("sd3.5-large", "sd3.5-large-turbo", "sd3-medium"):
+        manager.load(str(tiny_family[name]))
+    manager.loads.clear()
+    manager.load(str(tiny_family["sd3.5-large-turbo"]))  # the most recent idle one: still cached
+    assert manager.loads == []
+    manager.load(str(tiny_family["sd3.5-large"]))  # the oldest: evicted, read again
+    assert [c for c, _ in manager.loads] == ["transformer"]
+
+
+def test_progress_reaches_the_caller(manager, tiny_family):
+    seen = []
+    manager.load(str(tiny_family["sd3-medium"]), progress=lambda m, f: seen.append((m, f)))
+    assert seen[0][0].startswith("Loading") and seen[-1] == ("Ready", 1.0)
+    assert all(f is None or 0 <= f <= 1 for _, f in seen)
+
+
+def test_a_swap_never_interleaves_with_a_generation(demo_config, tiny_family):
+    import threading
+    import time
+
+    from studio.engine import Engine, GenerationRequest
+
+    engine = Engine(ModelManager(demo_config))
+    engine.models.load(str(tiny_family["sd3.5-medium"]))
+    events = []
+    in_step = threading.Event()
+
+    def on_progress(ev):
+        in_step.set()
+        events.append(("step", ev.step))
+        time.sleep(0.05)
+
+    gen = threading.Thread(target=engine.generate, args=(
+        GenerationRequest("x", steps=8, seed=1, width=256, height=256, variant="sd3.5-medium"),),
+        kwargs={"on_progress": on_progress})
+    gen.start()
+    assert in_step.wait(60)
+    engine.models.load(str(tiny_family["sd3-medium"]))  # must wait for the generation
+    events.append(("swapped", None))
+    gen.join(60)
+    assert events[-1] == ("swapped", None) and [e for e in events if e[0] == "step"][-1] == ("step", 8)
