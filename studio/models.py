@@ -329,7 +329,12 @@ class ModelManager:
                 )
             else:
                 folder, file_overrides = self._resolve_folder(src, progress), {}
-            loaded = self._load_folder(folder, src, variant, placement, progress, file_overrides)
+            try:
+                loaded = self._load_folder(folder, src, variant, placement, progress, file_overrides)
+            except BaseException:
+                self._trim_cache()  # drop what the failed load left behind; the current model stays
+                free_memory()
+                raise
             self.current = loaded
             self._img2img = None
             self._inpaint = None
@@ -664,8 +669,24 @@ def download(repo_id: str, progress: ProgressFn | None = None) -> Path:
 
     if progress:
         progress(f"Fetching {repo_id}", 0.0)
+    tqdm_class = None
+    if progress:
+        from tqdm.auto import tqdm as _tqdm
+
+        class _Reporter(_tqdm):  # huggingface_hub's download bars, forwarded to the caller
+            def update(self, n=1):
+                out = super().update(n)
+                self._studio_done = getattr(self, "_studio_done", 0) + (n or 0)  # counted even when disabled
+                if self.total:
+                    done = self._studio_done
+                    progress(f"Downloading {repo_id}: {done / 2**30:.2f} of {self.total / 2**30:.2f} GB",
+                             min(done / self.total, 1.0) * 0.5)
+                return out
+
+        tqdm_class = _Reporter
     try:
-        path = snapshot_download(repo_id, allow_patterns=HUB_ALLOW, ignore_patterns=HUB_IGNORE)
+        path = snapshot_download(repo_id, allow_patterns=HUB_ALLOW, ignore_patterns=HUB_IGNORE,
+                                 tqdm_class=tqdm_class)
     except GatedRepoError as e:
         raise ModelError(
             f"{repo_id} is gated: accept its licence at https://huggingface.co/{repo_id} while "

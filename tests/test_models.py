@@ -203,3 +203,21 @@ def test_a_swap_never_interleaves_with_a_generation(demo_config, tiny_family):
     events.append(("swapped", None))
     gen.join(60)
     assert events[-1] == ("swapped", None) and [e for e in events if e[0] == "step"][-1] == ("step", 8)
+
+
+def test_hub_download_progress_reaches_the_caller(manager, tiny_family, monkeypatch):
+    import huggingface_hub
+
+    def fake_snapshot_download(repo_id, tqdm_class=None, **kwargs):
+        bar = tqdm_class(total=4 * 2**30, disable=True)
+        for _ in range(4):
+            bar.update(2**30)
+        bar.close()
+        return str(tiny_family["sd3.5-large"])  # as if this were the cached snapshot
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    seen = []
+    loaded = manager.load("stabilityai/stable-diffusion-3.5-large", progress=lambda m, f: seen.append((m, f)))
+    downloads = [(m, f) for m, f in seen if m.startswith("Downloading")]
+    assert downloads[-1] == ("Downloading stabilityai/stable-diffusion-3.5-large: 4.00 of 4.00 GB", 0.5)
+    assert loaded.source.kind == "hub" and loaded.variant.name == "sd3.5-large"
