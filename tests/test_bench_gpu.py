@@ -1,0 +1,188 @@
+"""The GPU benchmark's code paths: the --tiny CPU run, the random-weight builder (scaled down
+through the same function) loading through the model manager, and one real preset on CUDA."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from studio import bench_gpu
+from studio.config import StudioConfig
+from studio.memory import build_meta_model, count_params, get_preset
+from studio.models import ModelManager, placement_from_preset
+
+ROW_KEYS = ("s_per_image", "bare_s_per_image", "overhead_ratio", "peak_bytes", "estimate_bytes",
+            "estimate_ratio")
+
+# The real architecture with every width and depth shrunk; vocab sizes stay real.
+SMALL = {
+    "transformer": {"num_attention_heads": 2, "attention_head_dim": 16, "caption_projection_dim": 32,
+                    "joint_attention_dim": 64, "pooled_projection_dim": 64},
+    "text_encoder": {"hidden_size": 32, "intermediate_size": 64, "projection_dim": 32,
+                     "num_attention_heads": 2},
+    "text_encoder_2": {"hidden_size": 32, "intermediate_size": 64, "projection_dim": 32,
+                       "num_attention_heads": 2},
+    "text_encoder_3": {"d_model": 64, "d_ff": 128, "num_heads": 2, "d_kv": 32},
+    "vae": {"block_out_channels": [32, 32, 32, 32], "layers_per_block": 1},
+}
+
+
+def _assert_row(row):
+    for key in ROW_KEYS:
+        assert key in row and row[key] is not None and row[key] > 0, (key, row)
+
+
+def test_tiny_json_runs_every_function_on_cpu(tmp_path, capsys):
+    assert bench_gpu.main(["--tiny", "--json", "--workdir", str(tmp_path)]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert set(results) == {f"sd3.5-large/{p}" for p in bench_gpu.TINY_PRESETS}
+    ran = [r for r in results.values() if "skipped" not in r]
+    assert any(r["preset"] == "cpu-fp32" for r in ran)
+    for row in ran:
+        _assert_row(row)
+        assert row["overhead_ratio"] == pytest.approx(row["s_per_image"] / row["bare_s_per_image"], rel=1e-3)
+        assert (row["width"], row["height"], row["steps"]) == (256, 256, 2)
+    for row in results.values():
+        if "skipped" in row:  # bf16 on a CPU without native bf16: says how to run it anyway
+            assert row["preset"] == "cpu-bf16" and "--presets" in row["skipped"]
+    table = bench_gpu.format_table(results)
+    assert "sd3.5-large/cpu-fp32" in table and "overhead" in table
+
+
+def test_tiny_compile_is_measured_apart(tmp_path):
+    """--compile: a fresh load with compiled blocks (eager backend here: fast on a CPU)."""
+    results = bench_gpu.run(["sd3.5-large"], ["cpu-fp32"], tiny=True, workdir=tmp_path, compile=True,
+                            compile_backend="eager", log=lambda m: None)
+    row = results["sd3.5-large/cpu-fp32"]
+    _assert_row(row)
+    assert "compile_error" not in row, row.get("compile_error")
+    assert row["compile_first_s"] > 0 and row["compile_s_per_image"] > 0 and row["compile_speedup"] > 0
+    assert "compile_peak_bytes" in row and row["compile_backend"] == "eager"
+    assert "compile" in bench_gpu.format_table(results)
+
+
+@pytest.mark.slow
+def test_tiny_bf16_runs_when_named(tmp_path):
+    """cpu-bf16 runs on any CPU when named (about a minute where the CPU has no native bf16)."""
+    results = bench_gpu.run(["sd3.5-large"], ["cpu-bf16"], tiny=True, workdir=tmp_path, log=lambda m: None)
+    _assert_row(results["sd3.5-large/cpu-bf16"])
+
+
+def test_compile_flag_compiles_each_block_once(tiny_family, tmp_path):
+    placement = bench_gpu.with_compile(placement_from_preset(get_preset("cpu-fp32"), "cpu"), backend="eager")
+    assert placement.name == "cpu-fp32+compile"
+    loaded = ModelManager(StudioConfig(data_dir=tmp_path), placement=placement).load(str(tiny_family["sd3.5-large"]))
+    blocks = loaded.pipe.transformer.transformer_blocks
+    assert all(b._compiled_call_impl is not None for b in blocks)
+    assert bench_gpu.compile_blocks(loaded.pipe) == 0  # idempotent
+
+
+def test_component_configs_scale_down_and_refuse_inconsistent_overrides():
+    real = bench_gpu.component_configs("sd3.5-medium")
+    assert real["transformer"]["num_layers"] == 24 and real["text_encoder_3"]["d_model"] == 4096
+    small = bench_gpu.component_configs("sd3.5-medium", max_layers=2, overrides=SMALL)
+    assert small["transformer"]["num_layers"] == 2 and small["transformer"]["dual_attention_layers"] == [0, 1]
+    assert small["text_encoder_2"]["num_hidden_layers"] == 2 and small["text_encoder_3"]["num_layers"] == 2
+    assert small["text_encoder"]["vocab_size"] == 49408 and small["text_encoder_3"]["vocab_size"] == 32128
+    with pytest.raises(ValueError, match="joint_attention_dim"):
+        bench_gpu.component_configs("sd3.5-large", max_layers=1,
+                                    overrides={**SMALL, "transformer": {**SMALL["transformer"], "joint_attention_dim": 48}})
+    with pytest.raises(ValueError, match="Unknown component"):
+        bench_gpu.component_configs("sd3.5-large", overrides={"unet": {}})
+
+
+def test_random_builder_writes_a_folder_that_loads_through_the_model_manager(tmp_path):
+    from safetensors import safe_open
+
+    from studio import bench_gpu as b
+
+    root = tmp_path / "models"
+    configs = b.component_configs("sd3.5-large", max_layers=1, overrides=SMALL)
+    folder = b.build_random_variant(root, "sd3.5-large", max_layers=1, overrides=SMALL, device="cpu",
+                                    progress=None)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusion3Pipeline"
+    assert index["transformer"] == ["diffusers", "SD3Transformer2DModel"]
+    assert index["text_encoder_3"] == ["transformers", "T5EncoderModel"]
+    assert index["tokenizer"][0] == "transformers" and index["scheduler"][1] == "FlowMatchEulerDiscreteScheduler"
+    # bf16 safetensors; the shared components are file symlinks into one shared folder
+    for sub in ("transformer", "text_encoder_3", "vae"):
+        files = list((folder / sub).glob("*.safetensors"))
+        assert files, sub
+        with safe_open(str(files[0]), "pt") as f:
+            dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+        assert dtypes <= {"BF16", "F32", "I64"} and "BF16" in dtypes, (sub, dtypes)
+    assert all(p.is_symlink() for p in (folder / "text_encoder_3").iterdir())
+    assert not any(p.is_symlink() for p in (folder / "transformer").iterdir())
+    # reused, not rebuilt, when the stamp matches
+    mtime = (folder / "transformer").stat().st_mtime_ns
+    assert b.build_random_variant(root, "sd3.5-large", max_layers=1, overrides=SMALL, device="cpu",
+                                  progress=None) == folder
+    assert (folder / "transformer").stat().st_mtime_ns == mtime
+    # Medium shares the text encoders and VAE (same configs): one shared folder for both
+    b.build_random_variant(root, "sd3.5-medium", max_layers=1, overrides=SMALL, device="cpu", progress=None)
+    assert len(list(root.glob("shared-*"))) == 1
+
+    placement = placement_from_preset(get_preset("cpu-fp32"), "cpu")
+    manager = ModelManager(StudioConfig(data_dir=tmp_path / "data"), placement=placement)
+    loaded = manager.load(str(folder))
+    assert loaded.variant.name == "sd3.5-large"  # inferred from the architecture (qk-norm, no dual)
+    for name, cls_name in (("transformer", "SD3Transformer2DModel"), ("text_encoder_3", "T5EncoderModel")):
+        module = getattr(loaded.pipe, name)
+        cls = type(module)
+        assert cls.__name__ == cls_name
+        assert count_params(module) == count_params(build_meta_model(cls, configs[name]))
+    assert loaded.pipe.text_encoder.config.vocab_size == 49408
+    # the planner's arithmetic on the folder's own configs is the bytes loading allocated (fp32)
+    from studio.memory import allocated_bytes
+
+    est = b.folder_estimate(folder, get_preset("cpu-fp32"), 256, 256, guidance=3.5)
+    allocated = sum(allocated_bytes(getattr(loaded.pipe, c)) for c in b.COMPONENT_CLASSES)
+    assert est["weights_bytes"] == pytest.approx(allocated, rel=0.02)
+    image = loaded.pipe("a fox", num_inference_steps=1, height=256, width=256,
+                        generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (256, 256)
+
+
+def test_presets_to_run_follows_the_planner_on_a_simulated_gpu(monkeypatch):
+    from studio.hardware import detect_hardware
+
+    monkeypatch.setattr("studio.hardware._real_gpus", lambda: [])
+    hw = detect_hardware(vram_gb=80, ram_gb=128)
+    out = {c.preset.name: c for c in bench_gpu.presets_to_run("sd3.5-large", hw, 1024, 1024)}
+    assert "cpu-fp32" not in out and "mps" not in out  # the machine's device only
+    assert out["full"].skipped is None and out["full"].recommended and out["full"].estimate.peak_bytes > 0
+    assert "2 CUDA GPUs" in out["multi-gpu-balanced"].skipped
+    assert "--presets" in out["sequential-offload"].skipped  # slow: only when named
+    small = {c.preset.name: c for c in bench_gpu.presets_to_run("sd3.5-large", detect_hardware(vram_gb=8, ram_gb=64), 1024, 1024)}
+    assert small["full"].skipped and "needs" in small["full"].skipped
+    named = bench_gpu.presets_to_run("sd3.5-large", hw, 1024, 1024, ["sequential-offload"])
+    assert [c.preset.name for c in named] == ["sequential-offload"] and named[0].skipped is None
+    with pytest.raises(ValueError, match="Unknown preset"):
+        bench_gpu.presets_to_run("sd3.5-large", hw, 1024, 1024, ["turbo-max"])
+
+
+def test_without_cuda_the_gpu_mode_says_to_use_tiny(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench_gpu.main(["--json"]) == 2
+    assert "--tiny" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_one_real_preset_on_cuda(tmp_path_factory):
+    """Full-size SD3.5 Medium with random weights (≈16 GB on disk; reuse a build with
+    STUDIO_BENCH_GPU_WORKDIR), the planner's preset for this GPU, 4 steps at 1024²."""
+    workdir = os.environ.get("STUDIO_BENCH_GPU_WORKDIR") or tmp_path_factory.mktemp("bench_gpu")
+    from studio.hardware import detect_hardware
+    from studio.memory import choose
+
+    preset = choose(detect_hardware(), "sd3.5-medium").preset
+    results = bench_gpu.run(["sd3.5-medium"], [preset], steps=4, repeat=1, workdir=workdir)
+    row = results[f"sd3.5-medium/{preset}"]
+    assert "error" not in row, row.get("error")
+    _assert_row(row)
+    assert row["peak_reserved_bytes"] >= row["peak_bytes"]
+    print(bench_gpu.format_table(results))
+    assert 0.5 < row["estimate_ratio"] < 2.0  # the goal is ±10 %; this only catches a broken meter
