@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--auth", default=None, help="USER:PASS, or a file with one USER:PASS per line")
     parser.add_argument("--insecure-no-auth", action="store_true",
                         help="allow --share without --auth (anyone with the link can use your GPU)")
+    parser.add_argument("--shared", action="store_true",
+                        help="a gallery per login/browser session, catalog models only, no token field "
+                             "(implied by --share and on a Hugging Face Space)")
     sub = parser.add_subparsers(dest="command", metavar="{generate,plan}")
 
     gen = sub.add_parser("generate", help="generate images headlessly and save them to the gallery")

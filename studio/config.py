@@ -3,7 +3,7 @@
 Everything the studio writes lives under one data directory (``--data-dir``; default: the
 platform's user data dir, e.g. ``~/.local/share/sd35-studio`` on Linux):
 
-    <data-dir>/images/     generated PNGs (the only folder the web app serves)
+    <data-dir>/images/     generated PNGs (served only as Gradio cache copies, never by path)
     <data-dir>/thumbs/     gallery thumbnails
     <data-dir>/gallery.sqlite
     <data-dir>/models/tiny/  the offline demo family (built on first use of --demo)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from functools import cached_property
 
 from .config import StudioConfig
@@ -41,7 +42,10 @@ class Studio:
 
     # -- the single entry points the UI and API use --
 
-    shared: bool = False  # True behind a share link or on a Space: hide owner-only settings
+    # True behind a share link, with --shared, or on a Space. Then: a gallery per login / browser
+    # session (owner_for), models from the catalog only (load_model), no unload, and the UI hides
+    # what only the machine's owner should change (token field, model source, unload).
+    shared: bool = False
 
     def load_model(self, source: str | None = None, variant: str | None = None,
                    preset: str | None = "auto", progress=None):
@@ -49,14 +53,40 @@ class Studio:
 
         Raises ModelError with a message for the user. The previous model stays loaded on failure.
         """
-        from .models import placement_for
+        from .models import ModelError, placement_for
+        from .spaces_support import run_load
 
+        if self.shared:
+            from .catalog import VARIANTS
+
+            if source:
+                raise ModelError(
+                    "This studio is shared: models come from the catalog only, so a source (a Hub id "
+                    "or a path) is not accepted. Choose a variant instead: " + ", ".join(VARIANTS) + ".")
+            if variant and variant not in VARIANTS:
+                raise ModelError(f"Unknown variant {str(variant)[:60]!r}; choose one of: {', '.join(VARIANTS)}.")
         placement = placement_for(self.config, preset, variant)
-        return self.models.load(source, variant=variant, placement=placement, progress=progress)
+        return run_load(self.models, source, variant=variant, placement=placement, progress=progress)
+
+    def unload_model(self) -> None:
+        """Free the model's memory. Not on shared deployments: the model is everyone's."""
+        from .models import ModelError
+
+        if self.shared:
+            raise ModelError("This studio is shared: the model stays loaded for everyone using it.")
+        self.models.unload()
 
     def owner_for(self, request) -> str | None:
-        """Whose gallery a web request sees: None (everything) on a private local run; the
-        browser session on shared deployments."""
-        if not self.shared or request is None:
+        """Whose gallery a web request sees: None (everything) on a private local run. On shared
+        deployments: the login (``u:<name>``) when the studio runs with --auth, else the browser
+        session (``s:<session hash>``); the prefixes keep a client-chosen session hash from ever
+        naming a login. A request without either gets a fresh owner that matches nothing."""
+        if not self.shared:
             return None
-        return getattr(request, "session_hash", None)
+        username = getattr(request, "username", None)
+        if username:
+            return f"u:{username}"
+        session = getattr(request, "session_hash", None)
+        if session:
+            return f"s:{session}"
+        return f"none:{secrets.token_hex(8)}"

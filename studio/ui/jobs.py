@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import html
 import logging
 import queue
@@ -138,6 +139,10 @@ class Jobs:
         for update in self.stream(req, request, progress, previews=False):
             if update.kind == "done":
                 result = update.result
+        try:
+            result.wait_saved()  # a failed save (full disk, read-only folder) is the caller's error
+        except user_errors() as e:
+            raise as_gr_error(e) from None
         return result
 
     def stream(self, req, request: gr.Request | None = None, progress: gr.Progress | None = None,
@@ -148,6 +153,7 @@ class Jobs:
         goes away (browser closed, generator closed) the job is cancelled.
         """
         from ..engine import CancelToken, latents_to_preview
+        from ..spaces_support import run_generate
 
         engine = self.studio.engine
         owner = self.studio.owner_for(request)
@@ -173,14 +179,16 @@ class Jobs:
 
         def work():
             try:
-                result = engine.generate(req, on_progress=on_progress, cancel=token, owner=owner,
-                                         on_image=on_image)
+                result = run_generate(engine, req, on_progress=on_progress, cancel=token, owner=owner,
+                                      on_image=on_image)
                 q.put(Update("done", result=result))
             except BaseException as e:  # noqa: BLE001 — handed to the consumer
                 q.put(Update("error", error=e))
 
         self._register(request, state)
-        worker = threading.Thread(target=work, name="studio-generate", daemon=True)
+        # the worker runs in a copy of this context: gr.Request-scoped state (ZeroGPU's quota) follows
+        worker = threading.Thread(target=contextvars.copy_context().run, args=(work,), name="studio-generate",
+                                  daemon=True)
         worker.start()
         finished = False
         try:

@@ -231,7 +231,7 @@ class ModelsTab:
                                            label="Variant", elem_id="models-variant")
                 self.variant_note = gr.Markdown(_variant_note(variant), elem_classes=["sd-muted"])
                 self.source = gr.Textbox(
-                    label="Source (optional)", elem_id="models-source",
+                    label="Source (optional)", elem_id="models-source", visible=not studio.shared,
                     placeholder="blank: the variant's default · stabilityai/stable-diffusion-3.5-medium · "
                                 "/path/to/diffusers-folder · /path/to/model.safetensors",
                     info="A Hub id, a local diffusers folder (with model_index.json) or a single .safetensors file.",
@@ -241,7 +241,7 @@ class ModelsTab:
                                           value=preset0, label="Memory preset", elem_id="models-preset")
                 with gr.Row():
                     self.load_btn = gr.Button("Load model", variant="primary", elem_id="models-load")
-                    self.unload_btn = gr.Button("Unload", elem_id="models-unload")
+                    self.unload_btn = gr.Button("Unload", elem_id="models-unload", visible=not studio.shared)
                 self.status = gr.Textbox(label="Status", interactive=False, lines=2, elem_id="models-status")
                 gr.Markdown("### Plan" + (" <small>(for the real weights at 1024²; the demo's tiny models need almost nothing)</small>"
                                           if studio.config.demo else " <small>(at 1024²)</small>"))
@@ -298,7 +298,7 @@ class ModelsTab:
         return load_model(self.ctx.studio, variant, source, preset, progress)
 
     def unload(self):
-        call(self.ctx.studio.models.unload)
+        call(self.ctx.studio.unload_model)
         return "Unloaded. The next Generate loads the model again."
 
 
