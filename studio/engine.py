@@ -20,7 +20,7 @@ from .catalog import MAX_SIDE, MAX_T5_TOKENS, MIN_SIDE, SIZE_MULTIPLE, TURBO_VAR
 from .config import __version__
 from .models import free_memory
 
-MODES = ("txt2img", "img2img", "turbo")
+MODES = ("txt2img", "img2img", "turbo", "inpaint")
 MAX_SEED = 2**32 - 1
 MAX_STEPS = 150
 MAX_GUIDANCE = 30.0
@@ -49,7 +49,7 @@ class GenerationError(RuntimeError):
 class GenerationRequest:
     prompt: str
     negative_prompt: str = ""
-    mode: str = "txt2img"  # txt2img | img2img | turbo
+    mode: str = "txt2img"  # txt2img | img2img | turbo | inpaint
     width: int | None = None  # None: the model's native size (img2img: the init image's)
     height: int | None = None
     steps: int | None = None  # None: the variant's recommended value
@@ -57,8 +57,13 @@ class GenerationRequest:
     seed: int = -1  # -1: random; the seed used is reported
     batch_count: int = 1  # how many times to run
     batch_size: int = 1  # images per run
-    strength: float = 0.6  # img2img only
-    init_image: object | None = None  # PIL image, img2img only
+    strength: float = 0.6  # img2img and inpaint
+    init_image: object | None = None  # PIL image or path, img2img and inpaint
+    mask_image: object | None = None  # inpaint: white (or painted alpha) = repaint
+    mask_blur: int = 4  # inpaint: feathering (px) of the paste-back
+    only_masked: bool = False  # inpaint: repaint only the mask's box (+ padding) at full resolution
+    padding: int = 32  # inpaint, only_masked: context (px) around the mask's box
+    loras: list = field(default_factory=list)  # [(name, weight)]: the LoRAs in <data-dir>/loras
     slg: bool | None = None  # Skip Layer Guidance; None: the variant's advice
     max_sequence_length: int = 256  # T5 tokens
     shift: float | None = None  # scheduler shift; None: the model's (3.0)
@@ -80,10 +85,13 @@ class Resolved:
     shift: float
     init_image: object | None
     notes: list[str] = field(default_factory=list)
+    mask: object | None = None  # inpaint: L mask at the init image's size
+    inpaint_plan: object | None = None  # inpaint.Plan: the box repainted and the working size
+    loras: list = field(default_factory=list)  # [(name, weight)] validated; [(LoraInfo, weight)] after prepare
 
     @property
     def effective_steps(self) -> int:
-        if self.request.mode != "img2img":
+        if self.request.mode not in ("img2img", "inpaint"):
             return self.steps
         return self.steps - int(max(self.steps - self.steps * self.request.strength, 0))
 
@@ -188,6 +196,8 @@ def _check_number(name: str, value, lo, hi, label: str, integer: bool = False):
         raise ValidationError(f"{label} must be a number.", name)
     try:
         number = float(value)
+    except OverflowError:  # an integer past float range (10**400)
+        raise ValidationError(f"{label} is far out of range: it must be between {lo} and {hi}.", name) from None
     except (TypeError, ValueError):
         raise ValidationError(f"{label} must be a number, not {value!r}.", name) from None
     if not math.isfinite(number):
@@ -250,9 +260,14 @@ def validate(req: GenerationRequest, variant: Variant, max_side: int = MAX_SIDE,
         )
     shift = 3.0 if req.shift is None else _check_number("shift", req.shift, 0.1, 20.0, "Shift")
 
+    loras = _check_loras(req.loras)
     init_image = None
-    if req.mode == "img2img":
+    mask = padding = None
+    if req.mode in ("img2img", "inpaint"):
         if req.init_image is None:
+            if req.mode == "inpaint":
+                raise ValidationError("Inpaint needs an image: upload one, then paint the area to change.",
+                                      "init_image")
             raise ValidationError("img2img needs an init image: upload or paste one.", "init_image")
         init_image = normalize_init_image(req.init_image)
         strength = _check_number("strength", req.strength, 0.0, 1.0, "Strength")
@@ -270,11 +285,19 @@ def validate(req: GenerationRequest, variant: Variant, max_side: int = MAX_SIDE,
                 f"{need_strength:g} or the steps to at least {math.ceil(1 / strength)}.",
                 "strength",
             )
+    if req.mode == "inpaint":
+        mask, padding = _check_mask(req, init_image, notes)
 
     # Size: default to the model's native size (img2img: the init image's, brought within the
     # model's limits), then snap to 16 and bound.
     limit = min(max_side, MAX_SIDE)
     width, height = req.width, req.height
+    if mask is not None and req.only_masked and (width is None or height is None):
+        from .inpaint import plan
+
+        box = plan(mask, True, padding, native_size[0] * native_size[1], MIN_SIDE, limit)
+        width = box.size[0] if width is None else width
+        height = box.size[1] if height is None else height
     if init_image is not None and (width is None or height is None):
         w0, h0 = init_image.size
         scale = min(1.0, math.sqrt(variant.max_pixels / (w0 * h0)), limit / max(w0, h0))
@@ -330,7 +353,62 @@ def validate(req: GenerationRequest, variant: Variant, max_side: int = MAX_SIDE,
     if req.mode == "turbo" and steps > 8:
         notes.append(f"Turbo is distilled for about 4 steps; {steps} steps cost time and rarely help.")
 
-    return Resolved(req, variant, width, height, steps, guidance, seed, slg, shift, init_image, notes)
+    inpaint_plan = None
+    if mask is not None:
+        from .inpaint import plan
+
+        inpaint_plan = plan(mask, bool(req.only_masked), padding, 0, MIN_SIDE, limit, size=(width, height))
+    # From here on (the pipeline loop, the metadata) the request carries the checked numbers:
+    # batch_count=2.0 or strength="0.5" passed validation and must not reach range() or the pipeline.
+    req = replace(req, batch_size=batch_size, batch_count=batch_count, max_sequence_length=msl,
+                  **({"strength": strength} if init_image is not None else {}))
+    return Resolved(req, variant, width, height, steps, guidance, seed, slg, shift, init_image, notes,
+                    mask=mask, inpaint_plan=inpaint_plan, loras=loras)
+
+
+def _check_loras(loras) -> list[tuple[str, float]]:
+    """The request's LoRA selection as [(name, weight)]: names once each, weights in range."""
+    from .lora import MAX_LORAS, MAX_WEIGHT, NAME_RE
+
+    if loras is None:
+        return []
+    if not isinstance(loras, (list, tuple)):
+        raise ValidationError("LoRAs must be a list of (name, weight) pairs.", "loras")
+    if len(loras) > MAX_LORAS:
+        raise ValidationError(f"{len(loras)} LoRAs selected; the limit is {MAX_LORAS}.", "loras")
+    out: list[tuple[str, float]] = []
+    for item in loras:
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise ValidationError(f"LoRA entry {item!r} is not a (name, weight) pair.", "loras")
+        name, weight = item
+        if not isinstance(name, str) or not NAME_RE.match(name.strip()):
+            raise ValidationError(f"{name!r} is not a LoRA name (the file name without .safetensors).", "loras")
+        w = _check_number("loras", weight, -MAX_WEIGHT, MAX_WEIGHT, f"The weight of LoRA {name.strip()!r}")
+        if any(n == name.strip() for n, _ in out):
+            raise ValidationError(f"LoRA {name.strip()!r} is selected twice; select it once.", "loras")
+        out.append((name.strip(), w))
+    return out
+
+
+def _check_mask(req: GenerationRequest, init_image, notes: list[str]):
+    """Inpaint: the mask at the image's size (L, white = repaint) and the padding."""
+    from .inpaint import MAX_MASK_BLUR, MAX_PADDING, MaskError, normalize_mask
+
+    if req.mask_image is None:
+        raise ValidationError("Inpaint needs a mask: paint over the area to change, or upload a mask "
+                              "(white = change, black = keep).", "mask_image")
+    try:
+        mask, mask_notes = normalize_mask(req.mask_image, init_image.size)
+    except MaskError as e:
+        raise ValidationError(str(e), "mask_image") from None
+    except ValidationError as e:
+        raise ValidationError(str(e).replace("The image", "The mask"), "mask_image") from None
+    except (OSError, ValueError) as e:
+        raise ValidationError(f"The mask could not be read ({e}). Use a PNG.", "mask_image") from None
+    notes += mask_notes
+    _check_number("mask_blur", req.mask_blur, 0, MAX_MASK_BLUR, "Mask blur", True)
+    padding = _check_number("padding", req.padding, 0, MAX_PADDING, "Masked area padding", True)
+    return mask, padding
 
 
 def normalize_init_image(image):
@@ -377,6 +455,9 @@ def open_image(src):
         else:
             import os
 
+            if not isinstance(src, (str, os.PathLike)):  # an int would be taken for a file descriptor
+                raise ValidationError(f"The init image must be an image file, not {type(src).__name__}.",
+                                      "init_image")
             if os.path.getsize(src) > MAX_INIT_BYTES:
                 raise ValidationError(f"The image file is over {MAX_INIT_BYTES >> 20} MB.", "init_image")
             fp = src
@@ -499,23 +580,45 @@ class PromptCache:
 class Engine:
     """Validates requests, runs the pipeline under the model lock, saves to the gallery."""
 
-    def __init__(self, models, gallery=None, prompt_cache: PromptCache | None = None):
+    def __init__(self, models, gallery=None, prompt_cache: PromptCache | None = None, masks=None):
         self.models = models
         self.gallery = gallery
         self.prompt_cache = prompt_cache if prompt_cache is not None else PromptCache()
+        if masks is None and gallery is not None:
+            from .inpaint import MaskStore
+
+            masks = MaskStore(gallery.data_dir / "masks")
+        self.masks = masks  # inpaint masks by content hash (metadata: mask_sha256)
 
     def prepare(self, req: GenerationRequest, loaded) -> Resolved:
+        from .lora import LoraError
+
         resolved = validate(req, loaded.variant, loaded.max_side, loaded.native_size)
+        req = resolved.request
         resolved.notes += token_notes(loaded.pipe, req.prompt, req.max_sequence_length)
+        infos = []
+        for name, weight in resolved.loras:
+            try:
+                infos.append((self.models.loras.info(name), weight))
+            except LoraError as e:
+                raise ValidationError(str(e), "loras") from None
+            if weight == 0:
+                resolved.notes.append(f"LoRA {name!r} has weight 0: it is off.")
+        resolved.loras = infos
         return resolved
 
-    def encode(self, pipe, loaded, prompt: str, negative: str, cfg: bool, max_sequence_length: int):
-        """Prompt embeddings for one image, from the cache when the same prompt was seen."""
+    def encode(self, pipe, loaded, prompt: str, negative: str, cfg: bool, max_sequence_length: int,
+               text_loras: tuple = ()):
+        """Prompt embeddings for one image, from the cache when the same prompt was seen.
+
+        ``text_loras``: the active LoRAs that change the text encoders (sha, weight) — part of the
+        key, since they change the embeddings. Transformer-only LoRAs (most SD3 LoRAs) do not."""
         import torch
 
         encoders = tuple(loaded.identities.get(n) for n in (
             "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"))
-        key = (prompt, negative if cfg else None, cfg, max_sequence_length, encoders, str(loaded.dtype))
+        key = (prompt, negative if cfg else None, cfg, max_sequence_length, encoders, str(loaded.dtype),
+               tuple(text_loras))
         cached = self.prompt_cache.get(key) if None not in encoders[:2] else None
         if cached is None:
             with torch.no_grad():
@@ -545,6 +648,7 @@ class Engine:
     ) -> GenerationResult:
         with self.models.use(self._variant_for(req)) as loaded:
             resolved = self.prepare(req, loaded)
+            resolved.loras = self.models.activate_loras(loaded, resolved.loras)
             if req.mode == "turbo" and not loaded.variant.distilled:
                 resolved.notes.append(
                     f"Turbo mode runs on {loaded.label}, which is not the distilled Turbo model; "
@@ -556,15 +660,31 @@ class Engine:
         import torch
 
         req = r.request
-        pipe = self.models.img2img(loaded) if req.mode == "img2img" else loaded.pipe
+        if req.mode == "inpaint":
+            pipe = self.models.inpaint(loaded)
+        else:
+            pipe = self.models.img2img(loaded) if req.mode == "img2img" else loaded.pipe
         scheduler = pipe.scheduler
         if r.shift != scheduler.config.get("shift", 3.0):
             pipe.scheduler = type(scheduler).from_config(scheduler.config, shift=r.shift)
         init_sha = None
         init = None
-        if r.init_image is not None:
+        mask_sha = soft_mask = mask = None
+        if r.mask is not None:  # inpaint: cut the box to repaint at the working size
+            from .inpaint import blurred, crop_inputs
+
+            init_sha = hashlib.sha256(r.init_image.tobytes()).hexdigest()
+            soft_mask = blurred(r.mask, req.mask_blur)
+            init, mask = crop_inputs(r.init_image, r.mask, r.inpaint_plan)
+            mask_sha = self.masks.put(r.mask) if self.masks is not None else None
+            if mask_sha is None:
+                from .inpaint import mask_sha256
+
+                mask_sha = mask_sha256(r.mask)
+        elif r.init_image is not None:
             init = r.init_image.resize((r.width, r.height), resample=3) if r.init_image.size != (r.width, r.height) else r.init_image
             init_sha = hashlib.sha256(init.tobytes()).hexdigest()
+        text_loras = tuple((i.sha256, w) for i, w in r.loras if i.text_encoders)
         started = time.perf_counter()
         images: list[GeneratedImage] = []
         cancelled = False
@@ -589,7 +709,7 @@ class Engine:
                 pe, npe, ppe, nppe = (
                     None if t is None else t.to(device).repeat_interleave(req.batch_size, 0)
                     for t in self.encode(pipe, loaded, req.prompt, req.negative_prompt, cfg,
-                                         req.max_sequence_length)
+                                         req.max_sequence_length, text_loras)
                 )
                 kwargs = dict(
                     prompt_embeds=pe,
@@ -608,6 +728,8 @@ class Engine:
                 )
                 if req.mode == "img2img":
                     kwargs.update(image=init, strength=req.strength)
+                elif req.mode == "inpaint":
+                    kwargs.update(image=init, mask_image=mask, strength=req.strength)
                 elif r.slg:
                     kwargs.update(
                         skip_guidance_layers=r.slg["layers"],
@@ -615,18 +737,25 @@ class Engine:
                         skip_layer_guidance_start=r.slg["start"],
                         skip_layer_guidance_stop=r.slg["stop"],
                     )
+                out = None
                 try:
                     out = pipe(**kwargs)
-                except torch.OutOfMemoryError as e:
-                    del e  # drop the traceback's references to the activations before freeing
+                except torch.OutOfMemoryError:
+                    pass  # handled below: inside this block the traceback still holds the activations
+                if out is None:  # out of memory; the exception and its frames are gone now
+                    del kwargs
                     free_memory()
-                    raise GenerationError(_oom_message(loaded, r)) from None
+                    raise GenerationError(_oom_message(loaded, r))
                 if getattr(pipe, "_interrupt", False) or (cancel and cancel.cancelled):
                     cancelled = True  # the interrupted run is half-denoised: not kept
                     break
                 run_s = time.perf_counter() - run_started
                 for k, (image, s) in enumerate(zip(out.images, seeds)):
-                    meta = self._metadata(r, loaded, s, run, k, init_sha, run_s)
+                    if soft_mask is not None:  # back into the source through the feathered mask
+                        from .inpaint import paste_back
+
+                        image = paste_back(r.init_image, image, soft_mask, r.inpaint_plan)
+                    meta = self._metadata(r, loaded, s, run, k, init_sha, run_s, mask_sha)
                     item = GeneratedImage(image, s, meta)
                     if self.gallery is not None:  # written in the background: the next run starts now
                         item.saving = self.gallery.save_async(image, meta, owner=owner)
@@ -639,9 +768,11 @@ class Engine:
         total = time.perf_counter() - started
         return GenerationResult(images, r.seed, r.notes, cancelled, {"total_s": round(total, 3)})
 
-    def _metadata(self, r: Resolved, loaded, seed, run, k, init_sha, run_s) -> dict:
+    def _metadata(self, r: Resolved, loaded, seed, run, k, init_sha, run_s, mask_sha=None) -> dict:
         req = r.request
-        return {
+        inpaint = req.mode == "inpaint"
+        width, height = r.init_image.size if inpaint else (r.width, r.height)
+        meta = {
             "studio_version": __version__,
             "mode": req.mode,
             "prompt": req.prompt,
@@ -649,8 +780,8 @@ class Engine:
             "steps": r.steps,
             "guidance": r.guidance,
             "seed": seed,
-            "width": r.width,
-            "height": r.height,
+            "width": width,
+            "height": height,
             "variant": loaded.variant.name,
             "model": loaded.label,
             "source": loaded.source.ref,
@@ -661,7 +792,7 @@ class Engine:
             "shift": r.shift,
             "slg": r.slg,
             "max_sequence_length": req.max_sequence_length,
-            "strength": req.strength if req.mode == "img2img" else None,
+            "strength": req.strength if req.mode in ("img2img", "inpaint") else None,
             "init_image_sha256": init_sha,
             "batch_size": req.batch_size,
             "batch_count": req.batch_count,
@@ -670,6 +801,18 @@ class Engine:
             "timings": {"run_s": round(run_s, 3)},
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        if r.loras:
+            meta["loras"] = [info.as_meta(w) for info, w in r.loras]
+        if inpaint:
+            meta.update({
+                "mask_sha256": mask_sha,
+                "mask_blur": req.mask_blur,
+                "only_masked": bool(req.only_masked),
+                "padding": int(req.padding) if req.only_masked else None,
+                "inpaint_box": list(r.inpaint_plan.box),
+                "work_size": list(r.inpaint_plan.size),
+            })
+        return meta
 
 
 def _oom_message(loaded, r: Resolved) -> str:
@@ -681,6 +824,7 @@ def _oom_message(loaded, r: Resolved) -> str:
 
 
 def request_to_dict(req: GenerationRequest) -> dict:
-    d = asdict(replace(req, init_image=None))
+    d = asdict(replace(req, init_image=None, mask_image=None))
     d.pop("init_image")
+    d.pop("mask_image")
     return d

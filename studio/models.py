@@ -591,6 +591,13 @@ def lora_blocker(loaded: LoadedModel) -> str | None:
         return (f"The transformer is quantized (preset {loaded.placement.name}: bitsandbytes NF4/8-bit); "
                 "the studio does not apply LoRAs to a quantized transformer. Pick a preset that keeps "
                 "the transformer in bf16/fp16 (Models & Memory), or generate without LoRAs.")
+    fp8 = {"float8_e4m3fn", "float8_e5m2"}
+    if "fp8" in str(loaded.placement.name).lower() or any(
+            str(p.dtype).replace("torch.", "") in fp8 for p in transformer.parameters()):
+        # peft would load the LoRA weights in fp8 storage and fail in the first step
+        return (f"The transformer is stored in fp8 (preset {loaded.placement.name}); LoRAs cannot run on "
+                "fp8 layerwise-cast weights. Pick a preset that keeps the transformer in bf16/fp16 "
+                "(Models & Memory), or generate without LoRAs.")
     return None
 
 

@@ -336,6 +336,19 @@ def _slg_on(_value: Any, meta: dict) -> bool:
     return isinstance(meta.get("slg"), dict)
 
 
+def _write_area(meta: dict) -> str | None:
+    if meta.get("mode") != "inpaint" or meta.get("only_masked") is None:
+        return None
+    return "Only masked" if meta.get("only_masked") else "Whole picture"
+
+
+def _read_area(text: str) -> dict[str, Any]:
+    t = text.strip().lower()
+    if t not in ("only masked", "whole picture"):
+        raise ValueError(f"inpaint area {text!r}")
+    return {"only_masked": t == "only masked"}
+
+
 #: THE mapping between infotext keys and studio fields, in the order keys are written.
 PARAMS: tuple[Param, ...] = (
     _simple("Steps", "steps", int),
@@ -356,8 +369,15 @@ PARAMS: tuple[Param, ...] = (
     Param("Version", ("studio_version",), _write_version, _read_version),
 )
 
+#: Inpaint's keys (A1111's names), written after the common ones for inpaint images only.
+INPAINT_PARAMS: tuple[Param, ...] = (
+    _simple("Mask blur", "mask_blur", int),
+    Param("Inpaint area", ("only_masked",), _write_area, _read_area),
+    _simple("Masked area padding", "padding", int, when=lambda _v, m: bool(m.get("only_masked"))),
+)
+
 _PARAM_BY_KEY: dict[str, Param] = {}
-for _p in PARAMS:
+for _p in (*PARAMS, *INPAINT_PARAMS):
     for _k in (_p.key, *_p.aliases):
         _PARAM_BY_KEY[_k] = _p
 
@@ -375,7 +395,7 @@ def to_infotext(meta: dict) -> str:
     negative = str(meta.get("negative_prompt") or "")
     parts: list[str] = []
     written: set[str] = set()
-    for param in PARAMS:
+    for param in (*PARAMS, *INPAINT_PARAMS):
         try:
             value = param.write(meta)
         except (TypeError, ValueError, OverflowError):
@@ -383,6 +403,12 @@ def to_infotext(meta: dict) -> str:
         if value is not None and value != "":
             parts.append(f"{param.key}: {quote(value)}")
             written.add(param.key)
+    loras = [d for d in meta.get("loras") or () if isinstance(d, dict) and d.get("name")]
+    if loras:  # A1111's convention: <lora:name:weight> in the prompt, hashes in "Lora hashes"
+        hashes = ", ".join(f"{d['name']}: {str(d.get('sha256') or '')[:12]}" for d in loras if d.get("sha256"))
+        if hashes:
+            parts.append(f"Lora hashes: {quote(hashes)}")
+            written.add("Lora hashes")
     extras = meta.get("extra_params")
     if isinstance(extras, dict):  # keys read from a foreign infotext, written back unchanged
         for key, value in extras.items():
@@ -394,6 +420,10 @@ def to_infotext(meta: dict) -> str:
                 and value not in (None, "")
             ):
                 parts.append(f"{key}: {quote(str(value))}")
+    if loras:
+        from studio.lora import tags
+
+        prompt = f"{prompt} {tags(loras)}" if prompt else tags(loras)
     lines = [prompt] if prompt else []
     if negative:
         lines.append(f"Negative prompt: {negative}")
@@ -428,6 +458,8 @@ def infotext_to_fields(params: dict[str, Any]) -> dict[str, Any]:
             extras[key] = value
         for name, v in values.items():
             _set_dotted(fields, name, v)
+    if fields.get("mask_blur") is not None or fields.get("only_masked") is not None:
+        fields.setdefault("mode", "inpaint")
     if fields.get("strength") is not None:
         fields.setdefault("mode", "img2img")
     if extras:

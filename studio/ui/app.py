@@ -10,7 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from . import api, tab_gallery, tab_img2img, tab_models, tab_turbo, tab_txt2img
+from . import api, tab_gallery, tab_img2img, tab_inpaint, tab_models, tab_turbo, tab_txt2img
 from .context import UIContext, status_html
 from .jobs import gpu_event
 
@@ -52,19 +52,21 @@ def build_app(studio) -> gr.Blocks:
                 txt = tab_txt2img.create_ui(ctx)
             with gr.Tab("Image to image", id="img2img", elem_id="tab-img2img") as t_img:
                 img = tab_img2img.create_ui(ctx)
+            with gr.Tab("Inpaint", id="inpaint", elem_id="tab-inpaint") as t_inpaint:
+                inpaint = tab_inpaint.create_ui(ctx)
             with gr.Tab("Turbo", id="turbo", elem_id="tab-turbo") as t_turbo:
                 turbo = tab_turbo.create_ui(ctx)
             with gr.Tab("Gallery", id="gallery", elem_id="tab-gallery") as t_gal:
                 gal = tab_gallery.create_ui(ctx)
             with gr.Tab("Models & Memory", id="models", elem_id="tab-models") as t_models:
                 models = tab_models.create_ui(ctx)
-        gen_tabs = {"txt2img": txt, "img2img": img, "turbo": turbo}
+        gen_tabs = {"txt2img": txt, "img2img": img, "turbo": turbo, "inpaint": inpaint}
         for t in gen_tabs.values():
             t.wire()
         api.register(ctx)
         _wire_cross_tab(ctx, header, tabs, gen_tabs, gal, models, {"gallery": t_gal, "models": t_models,
                                                                   "txt2img": t_txt, "img2img": t_img,
-                                                                  "turbo": t_turbo})
+                                                                  "turbo": t_turbo, "inpaint": t_inpaint})
         demo.load(lambda: status_html(studio), None, header, queue=False, api_visibility="private")
     return demo
 
@@ -98,22 +100,36 @@ def _wire_cross_tab(ctx, header, tabs, gen_tabs, gal, models, tab_blocks) -> Non
     for t in gen_tabs.values():
         targets += [c for c in t.reuse_targets() if c not in targets]
 
-    def reuse(fields):
+    def reuse(fields, image_path=None):
         if not fields:
             raise gr.Error("Select an image (or drop a PNG with metadata) first.", print_exception=False)
         mode = fields.get("mode") if fields.get("mode") in gen_tabs else "txt2img"
         target = gen_tabs[mode]
+        if image_path:  # inpaint: the image and its stored mask go back into the editor
+            fields = {**fields, "_source_image": image_path}
         out = target.apply_fields(fields)
         out[tabs] = gr.Tabs(selected=target.tab_id)
-        gr.Info(f"Parameters loaded into {target.tab_id}"
-                + (" (the init image is not stored: add one)." if mode == "img2img" else "."))
+        more = "."
+        if mode == "img2img":
+            more = " (the init image is not stored: add one)."
+        elif mode == "inpaint":
+            more = (" with this image and its mask (the source image is not stored)."
+                    if out.get(gen_tabs["inpaint"].editor) is not None else " (add the image and mask).")
+        gr.Info(f"Parameters loaded into {target.tab_id}{more}")
         return out
 
-    gal.reuse_btn.click(reuse, gal.selected_fields, [*targets, tabs], queue=False, **private)
+    def reuse_selected(fields, image_id, request: gr.Request):
+        path = None
+        if fields and fields.get("mode") == "inpaint" and image_id:
+            path = str(tab_gallery.get_image(studio, request, image_id).path)
+        return reuse(fields, path)
+
+    gal.reuse_btn.click(reuse_selected, [gal.selected_fields, gal.selected_id], [*targets, tabs], queue=False,
+                        **private)
     gal.png_reuse.click(reuse, gal.png_fields, [*targets, tabs], queue=False, **private)
 
     # Model changes: header, and the recommended steps / guidance / SLG offer in the main tabs.
-    main_tabs = [gen_tabs["txt2img"], gen_tabs["img2img"]]
+    main_tabs = [gen_tabs["txt2img"], gen_tabs["img2img"], gen_tabs["inpaint"]]
     variant_targets = [c for t in main_tabs for c in t.variant_targets()]
 
     def load(variant, source, preset, progress=gr.Progress()):
@@ -139,5 +155,5 @@ def _wire_cross_tab(ctx, header, tabs, gen_tabs, gal, models, tab_blocks) -> Non
     tab_blocks["gallery"].select(fn, inputs, outputs, concurrency_limit=None, show_progress="hidden", **private)
     tab_blocks["models"].select(models.opened, [models.variant, models.preset], models.opened_targets(),
                                 concurrency_limit=None, show_progress="hidden", **private)
-    for name in ("txt2img", "img2img", "turbo", "gallery"):
+    for name in ("txt2img", "img2img", "turbo", "inpaint", "gallery"):
         tab_blocks[name].select(lambda: gr.Timer(active=False), None, models.timer, queue=False, **private)

@@ -141,6 +141,58 @@ class AdvancedGroup:
                     32, MAX_T5_TOKENS, value=256, step=1, label="Max sequence length (T5 tokens)",
                     elem_id=f"{prefix}-msl",
                 )
+        self.loras = LoraGroup(prefix)
+
+
+LORA_SLOTS = 4
+
+
+class LoraGroup:
+    """Up to four LoRAs from the loras folder, each with a weight (0 = off), plus refresh, upload
+    and unload. The choices are filled when the accordion opens (see GenTab.wire)."""
+
+    def __init__(self, prefix: str):
+        self.slots: list[tuple[gr.Dropdown, gr.Slider]] = []
+        with gr.Accordion("LoRA", open=False, elem_id=f"{prefix}-lora") as self.accordion:
+            for i in range(LORA_SLOTS):
+                with gr.Row(equal_height=True, elem_classes=["lora-row"]):
+                    name = gr.Dropdown([], value=None, label=f"LoRA {i + 1}", scale=3, allow_custom_value=True,
+                                       elem_id=f"{prefix}-lora-{i}")
+                    weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="Weight", scale=2,
+                                       elem_id=f"{prefix}-lora-weight-{i}")
+                self.slots.append((name, weight))
+            with gr.Row():
+                self.refresh = gr.Button("Refresh list", size="sm", elem_id=f"{prefix}-lora-refresh")
+                self.upload = gr.UploadButton("Add LoRA file…", size="sm", file_types=[".safetensors"],
+                                              file_count="single", elem_id=f"{prefix}-lora-upload")
+                self.unload = gr.Button("Unload LoRAs", size="sm", elem_id=f"{prefix}-lora-unload")
+            self.status = gr.Markdown("", elem_id=f"{prefix}-lora-status")
+
+    def components(self) -> list:
+        return [c for pair in self.slots for c in pair]
+
+    def selection(self, values: dict) -> list[tuple[str, float]]:
+        """[(name, weight)] of the filled slots, as chosen (the engine checks them)."""
+        out = []
+        for name, weight in self.slots:
+            n = values.get(name)
+            if isinstance(n, str) and n.strip():
+                out.append((n.strip(), values.get(weight)))
+        return out
+
+    def updates_for(self, selection, choices: list[str]) -> dict:
+        """Slot updates showing a reused selection (unknown names are shown; the engine says so)."""
+        out = {}
+        sel = list(selection)[:LORA_SLOTS]
+        names = list(dict.fromkeys([*choices, *(n for n, _ in sel)]))
+        for i, (name, weight) in enumerate(self.slots):
+            if i < len(sel):
+                out[name] = gr.update(choices=names, value=sel[i][0])
+                out[weight] = float(sel[i][1])
+            else:
+                out[name] = gr.update(choices=names, value=None)
+                out[weight] = 1.0
+        return out
 
 
 class ResultPanel:

@@ -7,7 +7,7 @@ import gradio as gr
 
 from ..catalog import VARIANTS
 from .controls import ResultPanel, SeedRow, progress_html
-from .jobs import gpu_event, notify
+from .jobs import as_gr_error, error, gpu_event, notify, user_errors
 
 
 def slg_offered(variant) -> bool:
@@ -61,12 +61,62 @@ class GenTab:
         return [r.progress, r.preview, r.gallery, r.info, r.paths, self.seed_row.last_seed,
                 self.ctx.extra["header"]]
 
+    def lora_group(self):
+        return getattr(self.advanced, "loras", None)
+
     def wire(self) -> None:
         r = self.result
+        inputs = set(self.inputs())
+        if self.lora_group() is not None:
+            inputs |= set(self.lora_group().components())
+            self._wire_loras(self.lora_group())
         for trigger in (self.prompt_row.generate.click, self.prompt_row.prompt.submit):
-            gpu_event(trigger, self.stream, set(self.inputs()), self.outputs(), api_visibility="private",
+            gpu_event(trigger, self.stream, inputs, self.outputs(), api_visibility="private",
                       show_progress="full", show_progress_on=[r.preview])
         self.prompt_row.cancel.click(self._cancel, None, None, queue=False, api_visibility="private")
+
+    def _wire_loras(self, g) -> None:
+        """The LoRA picker: choices from the loras folder (on opening and Refresh), upload into the
+        folder, unload from the model."""
+        studio = self.ctx.studio
+        names = [n for n, _ in g.slots]
+        private = dict(api_visibility="private")
+
+        def refresh():
+            choices = studio.models.loras.names()
+            return [gr.update(choices=choices) for _ in names]
+
+        g.accordion.expand(refresh, None, names, queue=False, **private)
+        g.refresh.click(refresh, None, names, queue=False, **private)
+
+        def upload(file, *current):
+            from ..lora import LoraError
+
+            if getattr(studio, "shared", False):
+                raise error("Uploading LoRAs is off on shared deployments: the owner puts LoRA files in "
+                            "the loras folder of the data dir.", "Not available")
+            path = getattr(file, "name", file)
+            try:
+                info = studio.models.loras.import_file(path, name=_upload_stem(path))
+            except (LoraError, OSError) as e:
+                raise error(e, "Could not add the LoRA") from None
+            choices = studio.models.loras.names()
+            values = list(current)
+            if info.name not in values:
+                empty = next((i for i, v in enumerate(values) if not v), None)
+                if empty is not None:
+                    values[empty] = info.name
+            gr.Info(f"LoRA {info.name} added.")
+            return [gr.update(choices=choices, value=v) for v in values] + [
+                f"Added **{info.name}** (sha256 {info.sha256[:12]}…)."]
+
+        g.upload.upload(upload, [g.upload, *names], [*names, g.status], concurrency_limit=None, **private)
+
+        def unload():
+            n = studio.models.unload_loras() if "models" in studio.__dict__ else 0
+            return f"Unloaded {n} LoRA adapter(s); the model is back to its base weights."
+
+        gpu_event(g.unload.click, unload, None, g.status, **private)
 
     def _cancel(self, request: gr.Request):
         n = self.ctx.jobs.cancel(request)
@@ -81,6 +131,10 @@ class GenTab:
 
         r = self.result
         req = self.request(values)
+        if self.lora_group() is not None:
+            from dataclasses import replace
+
+            req = replace(req, loras=self.lora_group().selection(values))
         paths: list[str] = []
         yield {r.progress: progress_html(0, req.steps or 0, 0, max(1, int(req.batch_count or 1)), None, 0),
                r.preview: gr.update(visible=True, value=None), r.info: ""}
@@ -114,9 +168,11 @@ class GenTab:
                         self.seed_row.last_seed: res.seed if res.images else gr.update(),
                         header: status_html(self.ctx.studio),
                     }
-        except gr.Error:
+        except (gr.Error, *user_errors()) as e:  # the studio's errors here: a failed gallery save
             yield {r.progress: "", r.preview: gr.update(visible=False, value=None),
                    header: status_html(self.ctx.studio)}
+            if not isinstance(e, gr.Error):
+                raise as_gr_error(e) from None
             raise
 
     # -- reuse parameters / model changes --
@@ -133,7 +189,7 @@ class GenTab:
                 out[comp] = str(value)
             else:
                 try:
-                    out[comp] = float(value) if name in ("guidance", "shift") else int(value)
+                    out[comp] = float(value) if name in ("guidance", "shift", "strength") else int(value)
                 except (TypeError, ValueError):
                     continue
         w, h = fields.get("width"), fields.get("height")
@@ -146,6 +202,13 @@ class GenTab:
                 pass
         if self.advanced is not None and self.advanced.slg.visible is not False and "slg" in fields:
             out[self.advanced.slg] = isinstance(fields.get("slg"), dict)
+        if self.lora_group() is not None:  # JSON "loras", or <lora:name:weight> tags out of the prompt
+            from ..lora import selection_from_fields
+
+            prompt, selection = selection_from_fields(fields)
+            if fields.get("prompt") is not None:
+                out[self.prompt_row.prompt] = prompt
+            out.update(self.lora_group().updates_for(selection, self.ctx.studio.models.loras.names()))
         return out
 
     def reuse_targets(self) -> list:
@@ -154,6 +217,8 @@ class GenTab:
             comps += [self.size.aspect, self.size.width, self.size.height, self.size.custom_row]
         if self.advanced is not None:
             comps.append(self.advanced.slg)
+        if self.lora_group() is not None:
+            comps += self.lora_group().components()
         return comps
 
     def variant_updates(self, variant_name: str | None) -> dict:
@@ -173,3 +238,10 @@ class GenTab:
         if self.advanced is not None and self.mode == "txt2img":
             t.append(self.advanced.slg)
         return t
+
+
+def _upload_stem(path) -> str:
+    """The LoRA name of an upload: Gradio keeps the original file name as the last path part."""
+    from pathlib import Path
+
+    return Path(str(path)).stem

@@ -23,6 +23,7 @@ class Img2ImgTab(GenTab):
                 self.init_image = gr.Image(
                     label="Init image", type="filepath", sources=["upload", "clipboard"], height=300,
                     elem_id=f"{p}-init",
+                    image_mode=None,  # pass the file as uploaded: the engine handles alpha, 16-bit, CMYK, EXIF
                 )
                 self.strength = gr.Slider(
                     0, 1, value=0.6, step=0.01, label="Strength", elem_id=f"{p}-strength",

@@ -1,0 +1,219 @@
+"""Inpainting helpers: masks in, the region to repaint, and pasting the result back.
+
+* :func:`mask_from_editor` — a ``gr.ImageEditor``/``gr.ImageMask`` value (``background``,
+  ``layers``, ``composite``) → (image, mask); the mask is the alpha of the painted layer.
+* :func:`normalize_mask` — any mask image → an ``L`` mask (white = repaint) of the image's size.
+* :func:`plan` — the box to repaint and the size to repaint it at: the whole picture, or only the
+  masked region (mask bbox + padding, like A1111's "inpaint at full resolution"), scaled so the
+  model works near its native pixel count.
+* :func:`paste_back` — the repainted box, resized back, composited over the source through the
+  blurred mask: pixels away from the mask are the source's, exactly.
+* :class:`MaskStore` — masks by content (``<data-dir>/masks/<sha256>.png``). An image's metadata
+  carries ``mask_sha256``, so the mask of any gallery image is found from its id (id → metadata →
+  sha → file), and one mask used for a batch is stored once.
+
+No torch, no Gradio: PIL only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageChops, ImageFilter, ImageOps
+
+MAX_MASK_BLUR = 64
+MAX_PADDING = 512
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+
+
+class MaskError(ValueError):
+    pass
+
+
+def _open(value) -> Image.Image | None:
+    if value is None:
+        return None
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict):  # gradio FileData-like
+        value = value.get("path") or value.get("name")
+        if value is None:
+            return None
+    from .engine import open_image  # size limits before decoding
+
+    return open_image(str(value))
+
+
+def mask_from_editor(value) -> tuple[Image.Image | None, Image.Image | None]:
+    """(background image, mask from the painted layers' alpha) from an ImageEditor value.
+
+    All layers count (union of their alphas); a layer with no alpha at all counts by luminance.
+    Returns (None, None) when the editor is empty.
+    """
+    if not isinstance(value, dict):
+        return _open(value), None
+    background = _open(value.get("background"))
+    mask = None
+    for layer in value.get("layers") or []:
+        layer = _open(layer)
+        if layer is None:
+            continue
+        alpha = layer.getchannel("A") if "A" in layer.getbands() else layer.convert("L")
+        mask = alpha if mask is None else ImageChops.lighter(mask, alpha.resize(mask.size))
+    if background is None:
+        background = _open(value.get("composite"))
+    return background, mask
+
+
+def normalize_mask(mask, size: tuple[int, int]) -> tuple[Image.Image, list[str]]:
+    """A mask (PIL or path) → ``L`` at ``size`` (white = repaint, black = keep) and notes.
+
+    RGBA/LA masks with any transparency count by alpha (an editor layer); others by luminance.
+    Grey values are kept (soft masks). Raises MaskError when the mask is empty.
+    """
+    notes: list[str] = []
+    mask = _open(mask)
+    if getattr(mask, "is_animated", False):
+        mask.seek(0)
+    mask = ImageOps.exif_transpose(mask)
+    if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
+        rgba = mask.convert("RGBA")
+        alpha = rgba.getchannel("A")
+        mask = alpha if alpha.getextrema()[0] < 255 else rgba.convert("L")
+    elif mask.mode in ("I;16", "I;16B", "I;16L", "I"):
+        mask = mask.point(lambda v: v / 256).convert("L")
+    else:
+        mask = mask.convert("L")
+    if mask.size != tuple(size):
+        notes.append(f"The mask is {mask.size[0]}×{mask.size[1]}; it was resized to the image's "
+                     f"{size[0]}×{size[1]}.")
+        mask = mask.resize(tuple(size), Image.Resampling.BILINEAR)
+    if mask.getextrema()[1] < 128:
+        raise MaskError("The mask is empty: paint the area to change (white in an uploaded mask).")
+    return mask, notes
+
+
+def blurred(mask: Image.Image, radius: int) -> Image.Image:
+    return mask.filter(ImageFilter.GaussianBlur(radius)) if radius and radius > 0 else mask
+
+
+@dataclass
+class Plan:
+    box: tuple[int, int, int, int]  # (x0, y0, x1, y1) of the source that is repainted
+    size: tuple[int, int]  # (width, height) the model works at, multiples of 16
+
+
+def _snap(v: float, multiple: int = 16) -> int:
+    return max(multiple, int(round(v / multiple)) * multiple)
+
+
+def work_size(w: int, h: int, target_pixels: int, min_side: int, max_side: int) -> tuple[int, int]:
+    """A size near ``target_pixels`` with the aspect of w×h, sides within the limits, snapped to 16."""
+    scale = math.sqrt(target_pixels / (w * h))
+    scale = min(scale, max_side / max(w, h))
+    scale = max(scale, min_side / min(w, h))
+    return (min(max_side, _snap(w * scale)), min(max_side, _snap(h * scale)))
+
+
+def plan(mask: Image.Image, only_masked: bool, padding: int, target_pixels: int,
+         min_side: int, max_side: int, size: tuple[int, int] | None = None) -> Plan:
+    """Where to repaint and at what size. ``size`` (the request's width/height) overrides the
+    working size; the box is always the whole picture unless ``only_masked``."""
+    W, H = mask.size
+    box = (0, 0, W, H)
+    if only_masked:
+        bbox = mask.point(lambda v: 255 if v >= 128 else 0).getbbox() or mask.getbbox()
+        x0, y0, x1, y1 = bbox
+        x0, y0 = max(0, x0 - padding), max(0, y0 - padding)
+        x1, y1 = min(W, x1 + padding), min(H, y1 + padding)
+        # at least min_side/4 px around small masks so the model sees some context
+        need = max(16, min_side // 4)
+        if x1 - x0 < need:
+            cx = (x0 + x1) // 2
+            x0, x1 = max(0, cx - need // 2), min(W, max(0, cx - need // 2) + need)
+        if y1 - y0 < need:
+            cy = (y0 + y1) // 2
+            y0, y1 = max(0, cy - need // 2), min(H, max(0, cy - need // 2) + need)
+        box = (x0, y0, x1, y1)
+    bw, bh = box[2] - box[0], box[3] - box[1]
+    if size is not None:
+        return Plan(box, size)
+    return Plan(box, work_size(bw, bh, target_pixels, min_side, max_side))
+
+
+def crop_inputs(image: Image.Image, mask: Image.Image, p: Plan) -> tuple[Image.Image, Image.Image]:
+    """The source and mask cut to the plan's box, at the working size."""
+    img = image.crop(p.box)
+    m = mask.crop(p.box)
+    if img.size != p.size:
+        img = img.resize(p.size, Image.Resampling.LANCZOS)
+        m = m.resize(p.size, Image.Resampling.BILINEAR)
+    return img, m
+
+
+def paste_back(source: Image.Image, result: Image.Image, soft_mask: Image.Image, p: Plan) -> Image.Image:
+    """The repainted box composited over the source through the (blurred) mask."""
+    x0, y0, x1, y1 = p.box
+    patch = result.convert("RGB")
+    if patch.size != (x1 - x0, y1 - y0):
+        patch = patch.resize((x1 - x0, y1 - y0), Image.Resampling.LANCZOS)
+    out = source.copy()
+    out.paste(patch, (x0, y0), soft_mask.crop(p.box))
+    return out
+
+
+def mask_sha256(mask: Image.Image) -> str:
+    """The content hash of a mask: of its PNG-independent pixels (mode, size, bytes)."""
+    h = hashlib.sha256(f"{mask.mode}:{mask.size[0]}x{mask.size[1]}:".encode())
+    h.update(mask.tobytes())
+    return h.hexdigest()
+
+
+class MaskStore:
+    """Masks by content hash under one folder (written atomically, once)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+
+    def path(self, sha: str) -> Path | None:
+        if not isinstance(sha, str) or not _SHA.match(sha):
+            return None
+        p = self.folder / f"{sha}.png"
+        return p if p.is_file() else None
+
+    def put(self, mask: Image.Image) -> str:
+        sha = mask_sha256(mask)
+        if self.path(sha) is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = self.folder / f".{sha}.{secrets.token_hex(4)}.tmp"
+            try:
+                mask.save(tmp, format="PNG")
+                os.replace(tmp, self.folder / f"{sha}.png")
+            except BaseException:
+                try:
+                    tmp.unlink()
+                except OSError:
+                    pass
+                raise
+        return sha
+
+    def get(self, sha: str) -> Image.Image | None:
+        p = self.path(sha)
+        if p is None:
+            return None
+        with Image.open(p) as im:
+            im.load()
+            return im.copy()
+
+    def for_image(self, gallery, image_id: str, owner: str | None = None) -> Path | None:
+        """The mask file of a gallery image (by id; None when it has none or is not visible)."""
+        item = gallery.get(image_id, owner=owner)
+        if item is None:
+            return None
+        return self.path((item.metadata or {}).get("mask_sha256"))
