@@ -103,21 +103,26 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def quiet_libraries() -> None:
-    """Library progress bars and warnings are noise in a studio's console."""
+    """Library progress bars and warnings are noise in a studio's console.
+
+    Sets what the libraries read when they are imported, and applies their setters only if they
+    are already imported: importing diffusers here would pull in torch and cost seconds of
+    start-up before the page is served. The model manager calls this again when it loads.
+    """
     import warnings
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", message=".*torchvision.*")
-    try:
-        import diffusers.utils.logging as dlog
+    if "transformers" in sys.modules:
         import transformers.utils.logging as tlog
 
-        dlog.set_verbosity_error()
         tlog.set_verbosity_error()
         tlog.disable_progress_bar()
-    except Exception:
-        pass
+    if "diffusers" in sys.modules:
+        import diffusers.utils.logging as dlog
+
+        dlog.set_verbosity_error()
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

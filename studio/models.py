@@ -192,6 +192,7 @@ class Placement:
     skip: tuple[str, ...] = ()  # components left out (e.g. text_encoder_3 for no-T5)
     apply: Callable | None = None  # post-load step (offload hooks, layerwise casting)
     pipeline_kwargs: dict | None = None  # load the whole pipeline at once (multi-GPU device_map)
+    resident: bool = True  # every component stays on ``device`` (no offload hooks)
 
     def key(self, component: str) -> str:
         """What, beyond the files, makes a loaded component what it is (dtype, quantization)."""
@@ -257,6 +258,7 @@ class ModelManager:
         # identity -> component object; the live pipeline's components are always in here
         self._components: OrderedDict[str, object] = OrderedDict()
         self._cache_bytes = cache_bytes
+        self._sizes: dict[str, int] = {}  # identity -> bytes, measured once
         self._img2img = None
         self._inpaint = None
         self.loads: list[tuple[str, str]] = []  # (component, identity) actually read from disk
@@ -317,6 +319,12 @@ class ModelManager:
 
         On failure the previous model stays loaded and usable.
         """
+        import diffusers  # noqa: F401 — imported here, not at start-up
+        import transformers  # noqa: F401
+
+        from .cli import quiet_libraries
+
+        quiet_libraries()
         src = parse_source(spec) if spec else self.source_for(variant)
         placement = placement or self.placement or default_placement(self.config.device)
         progress = progress or self.progress
@@ -363,6 +371,7 @@ class ModelManager:
             return self._load_whole(folder, src, variant, placement, progress)
         components: dict[str, object] = {}
         identities: dict[str, str] = {}
+        loads_before = len(self.loads)
         names = [n for n in SD3_COMPONENTS if n in index]
         for i, name in enumerate(names):
             lib_cls = index.get(name)
@@ -391,7 +400,7 @@ class ModelManager:
         except Exception as e:  # wrong component types in a foreign folder
             raise ModelError(f"{src} does not assemble into an SD3 pipeline: {e}") from e
         pipe.set_progress_bar_config(disable=True)
-        self._place(pipe, placement)
+        self._place(pipe, placement, [n for n, _ in self.loads[loads_before:]])
         tiny = tiny_variant_of(folder)
         var = _infer_variant(variant, tiny, src, pipe.transformer.config)
         if progress:
@@ -444,8 +453,18 @@ class ModelManager:
                         "refuses it on CPU). Pick a CPU preset such as cpu-bf16 or cpu-fp32.")
             raise ModelError(f"Could not load {name} from {sub}: {_short(e)}{hint}") from e
 
-    def _place(self, pipe, placement: Placement) -> None:
-        if placement.apply:
+    def _place(self, pipe, placement: Placement, fresh: list[str]) -> None:
+        """Put the pipeline where the placement says. A resident placement moves only the
+        components just read from disk: reused ones are already in place (a swap back to a cached
+        variant then costs next to nothing). Offload hooks are pipeline-wide and always re-applied."""
+        if placement.resident:
+            for name in fresh:
+                module = getattr(pipe, name, None)
+                if hasattr(module, "to") and hasattr(module, "parameters"):
+                    module.to(placement.device)
+            if placement.apply:
+                placement.apply(pipe)
+        elif placement.apply:
             placement.apply(pipe)
         else:
             pipe.to(placement.device)
@@ -456,12 +475,14 @@ class ModelManager:
         budget = self._cache_bytes if self._cache_bytes is not None else _default_cache_budget()
         total = 0
         for ident in reversed(list(self._components)):  # newest first
-            size = _module_bytes(self._components[ident])
             if ident in live:
                 continue
-            total += size
+            if ident not in self._sizes:
+                self._sizes[ident] = _module_bytes(self._components[ident])
+            total += self._sizes[ident]
             if total > budget:
                 del self._components[ident]
+                self._sizes.pop(ident, None)
 
     def cached_identities(self) -> list[str]:
         return list(self._components)
@@ -472,6 +493,7 @@ class ModelManager:
             self._img2img = None
             self._inpaint = None
             self._components.clear()
+            self._sizes.clear()
             free_memory()
 
     # -- use --
@@ -752,6 +774,7 @@ def placement_from_preset(preset, device: str, hardware=None, validate_on_cpu: b
         skip=("text_encoder_3", "tokenizer_3") if no_t5 else (),
         apply=apply,
         pipeline_kwargs=kwargs if "device_map" in kwargs else None,
+        resident=validate_on_cpu or preset.placement == "resident",
     )
 
 
