@@ -396,7 +396,7 @@ class Gallery:
 
         try:
             created = _utc_iso(meta.get("created_at"))
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError):  # year 1 or 9999 shifted out of range by a zone
             created = _utc_iso()
         return (
             image_id, rel, created,
@@ -434,7 +434,7 @@ class Gallery:
         try:
             day = dt.datetime.fromisoformat(str(meta["created_at"]).replace("Z", "+00:00"))
             day = day.astimezone() if day.tzinfo else day
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError):
             day = dt.datetime.now()
         folder = self._images / day.strftime("%Y-%m-%d")
         path = folder / f"{image_id}.png"
