@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .catalog import VARIANTS
+from .catalog import DEFAULT_VARIANT, VARIANTS
 from .config import StudioConfig, __version__
 
 
@@ -37,6 +37,23 @@ def _common(p: argparse.ArgumentParser, sub: bool = False) -> None:
                    help="use the offline tiny SD3 family (random weights, no download)")
     p.add_argument("--offline", action="store_true", default=d(False),
                    help="never touch the network (HF_HUB_OFFLINE=1)")
+
+
+def add_plan_arguments(parser) -> None:
+    """The ``plan`` subcommand's flags (defined here, not in studio.memory: that imports torch)."""
+    parser.add_argument("--vram", type=float, default=None, metavar="GB",
+                        help="plan for CUDA GPUs with this much memory (simulated; 1 GB = 2^30 B)")
+    parser.add_argument("--ram", type=float, default=None, metavar="GB",
+                        help="plan for this much system RAM (simulated)")
+    parser.add_argument("--gpus", type=int, default=None, metavar="N",
+                        help="plan for N CUDA GPUs (0 = none)")
+    parser.add_argument("--device", choices=("cuda", "mps", "cpu"), default=None,
+                        help="the device the studio will use (default: detected)")
+    parser.add_argument("--variant", default=DEFAULT_VARIANT, choices=list(VARIANTS),
+                        help=f"model variant (default: {DEFAULT_VARIANT})")
+    parser.add_argument("--width", type=int, default=None, help="image width (default: 1024)")
+    parser.add_argument("--height", type=int, default=None, help="image height (default: 1024)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,8 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--shift", type=float, default=None, help="scheduler shift (default 3.0)")
     gen.add_argument("--json", action="store_true", help="print a JSON object instead of paths")
     _common(gen, sub=True)
-
-    from .memory import add_plan_arguments
 
     add_plan_arguments(sub.add_parser("plan", help="show which memory preset fits this machine, and why"))
     return parser

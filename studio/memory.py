@@ -1212,23 +1212,6 @@ def _collapse(rejected: list[Rejection]) -> list[Rejection]:
 # --- CLI --------------------------------------------------------------------------------------
 
 
-def add_plan_arguments(parser) -> None:
-    """Add the ``plan`` subcommand's flags to an argparse parser."""
-    parser.add_argument("--vram", type=float, default=None, metavar="GB",
-                        help="plan for CUDA GPUs with this much memory (simulated; 1 GB = 2^30 B)")
-    parser.add_argument("--ram", type=float, default=None, metavar="GB",
-                        help="plan for this much system RAM (simulated)")
-    parser.add_argument("--gpus", type=int, default=None, metavar="N",
-                        help="plan for N CUDA GPUs (0 = none)")
-    parser.add_argument("--device", choices=("cuda", "mps", "cpu"), default=None,
-                        help="the device the studio will use (default: detected)")
-    parser.add_argument("--variant", default=catalog.DEFAULT_VARIANT, choices=list(catalog.VARIANTS),
-                        help=f"model variant (default: {catalog.DEFAULT_VARIANT})")
-    parser.add_argument("--width", type=int, default=None, help="image width (default: 1024)")
-    parser.add_argument("--height", type=int, default=None, help="image height (default: 1024)")
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-
-
 def format_plan(plan: Plan) -> str:
     """The human report: hardware, the chosen plan, and a table of every preset."""
     v = catalog.get_variant(plan.variant)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from studio import catalog, memory
+from studio.cli import add_plan_arguments
 from studio import hardware as hw
 from studio.hardware import GB, Hardware, detect_hardware
 from studio.memory import Storage, allocated_bytes, build_meta_model, estimate, weight_bytes
@@ -420,7 +421,7 @@ def test_estimate_rows_and_turbo_without_cfg():
 
 def _run(argv, capsys):
     parser = argparse.ArgumentParser()
-    memory.add_plan_arguments(parser)
+    add_plan_arguments(parser)
     rc = memory.run_plan_command(parser.parse_args(argv))
     return rc, capsys.readouterr()
 
