@@ -129,7 +129,15 @@ class GenerationResult:
     timings: dict = field(default_factory=dict)
 
     def wait_saved(self) -> list:
-        """Wait until every image is in the gallery; returns their records (GalleryError on failure)."""
+        """Wait until every image is in the gallery; returns their records.
+
+        Every pending save is waited for before the first failure (GalleryError) is raised, so
+        nothing is still being written when the caller reports the error.
+        """
+        from concurrent.futures import wait
+
+        pending = [i.saving for i in self.images if i.saving is not None]
+        wait(pending)
         return [i.saved for i in self.images if i.saving is not None]
 
     @property

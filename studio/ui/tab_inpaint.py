@@ -38,7 +38,7 @@ class InpaintTab(GenTab):
                 )
                 with gr.Accordion("Upload a mask instead", open=False, elem_id=f"{p}-mask-upload-acc"):
                     self.mask_upload = gr.Image(
-                        label="Mask (white = change, black = keep; wins over the painted mask)", type="pil",
+                        label="Mask (white = change, black = keep; wins over the painted mask)", type="pil", image_mode=None,
                         sources=["upload", "clipboard"], height=200, elem_id=f"{p}-mask-upload",
                     )
                 self.strength = gr.Slider(
