@@ -41,13 +41,14 @@ from typing import Any
 from PIL import Image
 
 from studio import pnginfo
+from studio.files import TEMP_SUFFIX, atomic_write
 
 log = logging.getLogger(__name__)
 
 THUMB_SIZE = 256
 DB_NAME = "gallery.sqlite"
 _ID_RE = re.compile(r"^[0-9a-f]{16}$")
-_TEMP_SUFFIX = ".tmp"
+_TEMP_SUFFIX = TEMP_SUFFIX
 _BUSY_TIMEOUT_MS = 30_000
 
 _SCHEMA = """
@@ -466,16 +467,7 @@ class Gallery:
         small.thumbnail((THUMB_SIZE, THUMB_SIZE), Image.Resampling.LANCZOS)
         if small.mode not in ("RGB", "RGBA"):
             small = small.convert("RGBA" if "A" in small.getbands() else "RGB")
-        tmp = thumb.parent / f".{thumb.name}.{secrets.token_hex(4)}{_TEMP_SUFFIX}"
-        try:
-            small.save(tmp, format="WEBP", quality=80, method=4)
-            os.replace(tmp, thumb)
-        except BaseException:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-            raise
+        atomic_write(thumb, lambda f: small.save(f, format="WEBP", quality=80, method=4))
 
     def bulk_index(self, entries: Iterable[dict]) -> int:
         """Insert index rows for PNGs written elsewhere (imports, benchmarks, tests).
@@ -635,17 +627,14 @@ class Gallery:
                 files.append((image_id, path))
         if not files:
             raise GalleryError("None of the selected images exist any more; nothing to export.")
-        tmp = dest.parent / f".{dest.name}.{secrets.token_hex(4)}{_TEMP_SUFFIX}"
-        try:
-            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+        def write(f):
+            with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
                 for image_id, path in files:
                     zf.write(path, arcname=f"{image_id}.png")
-            os.replace(tmp, dest)
+
+        try:
+            atomic_write(dest, write)
         except OSError as e:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
             raise GalleryError(f"Could not write {dest}: {e.strerror or e}.") from e
         return dest
 

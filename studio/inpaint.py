@@ -21,11 +21,12 @@ import hashlib
 import math
 import os
 import re
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageChops, ImageFilter, ImageOps
+
+from .files import atomic_write
 
 MAX_MASK_BLUR = 64
 MAX_PADDING = 512
@@ -191,16 +192,7 @@ class MaskStore:
         sha = mask_sha256(mask)
         if self.path(sha) is None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = self.folder / f".{sha}.{secrets.token_hex(4)}.tmp"
-            try:
-                mask.save(tmp, format="PNG")
-                os.replace(tmp, self.folder / f"{sha}.png")
-            except BaseException:
-                try:
-                    tmp.unlink()
-                except OSError:
-                    pass
-                raise
+            atomic_write(self.folder / f"{sha}.png", lambda f: mask.save(f, format="PNG"))
         return sha
 
     def get(self, sha: str) -> Image.Image | None:

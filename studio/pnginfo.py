@@ -31,7 +31,6 @@ import io
 import json
 import os
 import re
-import secrets
 import struct
 import zlib
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo as _PilPngInfo
 
 from studio.catalog import VARIANTS
+from studio.files import atomic_write
 
 STUDIO_CHUNK = "sd35studio"  # full metadata JSON
 PARAMETERS_CHUNK = "parameters"  # A1111 infotext
@@ -488,19 +488,7 @@ def write_png(image: Image.Image, meta: dict, path: str | os.PathLike) -> Path:
     info = _PilPngInfo()
     info.add_text(PARAMETERS_CHUNK, to_infotext(meta))  # iTXt automatically when not latin-1
     info.add_text(STUDIO_CHUNK, json.dumps(meta, ensure_ascii=False, default=str), zip=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
+    atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=info), fsync=True)
     _fsync_dir(path.parent)
     return path
 
