@@ -28,18 +28,31 @@ def data_dir(demo_config):
 
 
 def test_generate_demo_writes_a_png_and_prints_its_path(data_dir):
-    from studio.pnginfo import read_png_info
+    from PIL import Image
 
-    out = run("generate", "a red fox", "--demo", "--steps", "3", "--seed", "11", "--data-dir", str(data_dir),
-              data_dir=data_dir)
+    from studio.gallery import Gallery
+    from studio.pnginfo import read_png_info
+    from test_pnginfo import a1111_parse  # an independent A1111 infotext parser
+
+    out = run("generate", "a red fox, snow", "--demo", "--negative", "blurry: low", "--steps", "3",
+              "--seed", "11", "--width", "320", "--data-dir", str(data_dir), data_dir=data_dir)
     assert out.returncode == 0, out.stderr
     paths = out.stdout.split()
     assert len(paths) == 1
     png = Path(paths[0])
     assert png.is_file() and png.suffix == ".png" and data_dir in png.parents
-    info = read_png_info(png)
-    assert info.fields["prompt"] == "a red fox" and info.fields["seed"] == 11 and info.fields["steps"] == 3
     assert "seed: 11" in out.stderr
+    # the full JSON chunk reads back exactly
+    info = read_png_info(png)
+    assert (info.fields["prompt"], info.fields["negative_prompt"], info.fields["seed"], info.fields["steps"],
+            info.fields["width"], info.fields["height"]) == ("a red fox, snow", "blurry: low", 11, 3, 320, 256)
+    # the A1111 `parameters` chunk, read by A1111's own rules
+    params = a1111_parse(Image.open(png).text["parameters"])
+    assert params["Prompt"] == "a red fox, snow" and params["Negative prompt"] == "blurry: low"
+    assert (params["Seed"], params["Steps"], params["Size"]) == ("11", "3", "320x256")
+    # and it is in the gallery's index
+    page = Gallery(data_dir).list(query="fox")
+    assert [Path(i.path) for i in page.items] == [png]
 
 
 def test_generate_json_with_flags_before_the_subcommand(data_dir, tmp_path):
