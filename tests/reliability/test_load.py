@@ -96,7 +96,11 @@ def test_twenty_clients_at_once_all_finish_and_memory_comes_back(app, tmp_path):
     # thread is left behind.
     assert _alive(GenerationResult) == 0 and _alive(GeneratedImage) == 0
     assert not [t for t in threading.enumerate() if t.name == "studio-generate"]
-    assert threading.active_count() <= threads + 2
+    # client and worker threads of the burst wind down on their own; give them a moment on a busy machine
+    deadline = time.monotonic() + 30
+    while threading.active_count() > threads + 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert threading.active_count() <= threads + 2, sorted(t.name for t in threading.enumerate())
     assert gallery.integrity_ok()
 
 
