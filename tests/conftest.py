@@ -36,3 +36,16 @@ def studio(demo_config):
     from studio.services import Studio
 
     return Studio(demo_config)
+
+
+@pytest.fixture(scope="session")
+def browser_type_launch_args(browser_type_launch_args):
+    """pytest-playwright drives Debian's Chromium (no browser download), headless and offline."""
+    from tests.conftest_ui import CHROMIUM
+
+    return {
+        **browser_type_launch_args,
+        "executable_path": CHROMIUM,
+        "args": ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"],
+    }

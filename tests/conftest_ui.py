@@ -1,5 +1,6 @@
 """Launching the studio's web app in-process for the API and browser tests (demo mode: the tiny
-offline SD3 family). Imported by tests/test_api.py and tests/test_browser.py."""
+offline SD3 family), and the helpers the browser suites share. Imported by the API and browser
+tests; the Chromium launch options are a fixture in tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -41,3 +42,25 @@ def running_studio(data_dir, tiny_family=None, shared: bool = False):
         yield f"http://127.0.0.1:{config.port}/", studio
     finally:
         demo.close()
+
+
+# --- browser suites ------------------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+BROWSER_TIMEOUT_MS = 60_000  # generous: the CPU is shared
+
+
+def open_studio(page, url: str):
+    """Open the studio in ``page`` and wait until the first tab is usable."""
+    from playwright.sync_api import expect
+
+    page.set_default_timeout(BROWSER_TIMEOUT_MS)
+    page.goto(url)
+    expect(page.locator("#txt2img-generate")).to_be_visible()
+    return page
+
+
+def set_number(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Tab")

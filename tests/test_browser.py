@@ -11,7 +11,8 @@ import re
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
+from tests.conftest_ui import BROWSER_TIMEOUT_MS, CHROMIUM, open_studio, running_studio, set_number
+
 if not os.path.exists(CHROMIUM):
     pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium to run the browser tests",
                 allow_module_level=True)
@@ -19,19 +20,8 @@ pytest.importorskip("pytest_playwright")
 
 from playwright.sync_api import Page, expect  # noqa: E402
 
-from tests.conftest_ui import running_studio  # noqa: E402
 
-T = 60_000  # ms: generous, the CPU is shared
-
-
-@pytest.fixture(scope="session")
-def browser_type_launch_args(browser_type_launch_args):
-    return {
-        **browser_type_launch_args,
-        "executable_path": CHROMIUM,
-        "args": ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"],
-    }
+T = BROWSER_TIMEOUT_MS
 
 
 @pytest.fixture(scope="session")
@@ -47,17 +37,7 @@ def app(tmp_path_factory, tiny_family):
 
 @pytest.fixture
 def ui(page: Page, app):
-    url, _ = app
-    page.set_default_timeout(T)
-    page.goto(url)
-    expect(page.locator("#txt2img-generate")).to_be_visible()
-    return page
-
-
-def set_number(page: Page, elem_id: str, value) -> None:
-    box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Tab")
+    return open_studio(page, app[0])
 
 
 def open_tab(page: Page, name: str) -> None:
