@@ -12,7 +12,7 @@ import math
 import secrets
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -829,10 +829,3 @@ def _oom_message(loaded, r: Resolved) -> str:
         "The model is still loaded. Try a smaller size or batch, or pick a lower preset in "
         "Models & Memory (e.g. 8-bit T5, NF4 or model offload)."
     )
-
-
-def request_to_dict(req: GenerationRequest) -> dict:
-    d = asdict(replace(req, init_image=None, mask_image=None))
-    d.pop("init_image")
-    d.pop("mask_image")
-    return d

@@ -484,9 +484,6 @@ class ModelManager:
                 del self._components[ident]
                 self._sizes.pop(ident, None)
 
-    def cached_identities(self) -> list[str]:
-        return list(self._components)
-
     def unload(self) -> None:
         with self.lock:
             self.current = None
