@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from studio.tiny import TINY_VARIANTS, build_tiny_family
+from studio.demo.tiny import TINY_VARIANTS, build_tiny_family
 
 
 def _sha(path):
@@ -97,3 +97,57 @@ def test_half_written_build_is_rebuilt(tmp_path):
     (folder / "studio_tiny.json").unlink()  # as if the build had been killed before the stamp
     rebuilt = build_tiny_family(tmp_path, variants=["sd3-medium"])["sd3-medium"]
     assert (rebuilt / "studio_tiny.json").is_file()
+
+
+def _quantized_t5_linears(model):
+    """(name, module) of every T5 Linear transformers quantizes (it keeps ``wo`` unquantized)."""
+    import torch
+
+    keep = set(type(model)._keep_in_fp32_modules or ())
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in keep]
+
+
+@pytest.mark.parametrize("scale", [1, 2, 3, 4])
+def test_t5_linears_fit_the_cpu_4bit_kernel_at_every_scale(scale):
+    """bitsandbytes' AVX512-BF16 path packs 4-bit weights in blocks of 32 output rows and reads
+    absmax per 64 inputs (NF4 blocksize): out_features % 32 == 0 and in_features % 64 == 0."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    from studio.demo.tiny import _dims
+
+    dims = _dims(scale)
+    config = T5Config(vocab_size=128, d_model=dims["t5_dim"], d_ff=dims["t5_ff"], d_kv=16,
+                      num_heads=4 * scale, num_layers=1, feed_forward_proj="gated-gelu")
+    with torch.device("meta"):
+        model = T5EncoderModel(config)
+    linears = _quantized_t5_linears(model)
+    assert {n.rsplit(".", 1)[-1] for n, _ in linears} == {"q", "k", "v", "o", "wi_0", "wi_1"}
+    for name, m in linears:
+        assert m.out_features % 32 == 0 and m.in_features % 64 == 0, (scale, name, m)
+
+
+def test_tiny_t5_nf4_weights_pack_for_the_cpu_kernel(tiny_family):
+    """Load the tiny T5 in NF4 on the CPU and run the packing the AVX512-BF16 forward runs, on
+    every Linear4bit (pure torch, so it is proven on CPUs without AVX512 too)."""
+    import copy
+
+    import torch
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+    from bitsandbytes.nn import Linear4bit
+    from transformers import BitsAndBytesConfig, T5EncoderModel
+
+    model = T5EncoderModel.from_pretrained(
+        tiny_family["sd3.5-medium"] / "text_encoder_3",
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+        device_map="cpu",
+    )
+    quantized = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear4bit)]
+    assert len(quantized) == len(_quantized_t5_linears(model)) > 0
+    for name, m in quantized:
+        state = copy.deepcopy(m.weight.quant_state)
+        packed, state = _convert_weight_packed_for_cpu(m.weight.data, state)
+        n, k = m.out_features, m.in_features
+        assert packed.shape == (n, k // 2) and packed.dtype == torch.uint8, name
+        assert state.absmax.shape == (k // state.blocksize, n), name

@@ -1,0 +1,279 @@
+"""An offline, tiny, architecture-faithful SD3 family (for tests, benchmarks and ``--demo``).
+
+Nothing here downloads anything. Each variant keeps the real structure — 16 latent channels,
+a VAE with scale factor 8 and the SD3 scaling/shift factors, patch size 2, CLIP-L + CLIP-G
+(``CLIPTextModelWithProjection``) + T5 encoder with locally built tokenizers, a flow-matching
+Euler scheduler with shift 3.0 — and the real differences between variants:
+
+=====================  ==========  ==========================  ===========================
+variant                qk_norm     dual attention layers       weights
+=====================  ==========  ==========================  ===========================
+sd3-medium             none        none                        seed 1
+sd3.5-medium           rms_norm    first half of the blocks    seed 2
+sd3.5-large            rms_norm    none, more/wider blocks     seed 3
+sd3.5-large-turbo      rms_norm    none (same as large)        seed 4
+=====================  ==========  ==========================  ===========================
+
+All four share bit-identical text encoders, tokenizers and VAE, as the real releases do.
+Each is saved with ``save_pretrained`` in the diffusers folder layout and is loaded back by the
+same ``from_pretrained`` code path a real checkpoint takes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import string
+import tempfile
+from pathlib import Path
+
+TINY_VARIANTS = ("sd3-medium", "sd3.5-medium", "sd3.5-large", "sd3.5-large-turbo")
+
+# Bumped whenever what build_tiny_variant writes changes, so stale demo folders are rebuilt.
+TINY_FORMAT = 2
+_STAMP = "studio_tiny.json"
+
+_SHARED_SEED = 1234
+
+
+def _dims(scale: int) -> dict:
+    """Widths of the shared encoders. ``scale`` > 1 makes a family big enough to time (the bench):
+    the proportions stay roughly real — T5 about half the Large transformer."""
+    clip = 32 * scale
+    t5 = 64 * scale  # joint_attention_dim; must hold both CLIP hidden states side by side
+    return {
+        "clip_hidden": clip,
+        "clip_ff": 37 if scale == 1 else 4 * clip,
+        "clip_layers": 2 if scale == 1 else 4,
+        "t5_dim": t5,
+        # bitsandbytes' CPU 4-bit kernel packs weights in blocks of 32 output rows and 64 inputs
+        # (NF4 blocksize): every quantized T5 Linear needs out % 32 == 0 and in % 64 == 0.
+        "t5_ff": 64 if scale == 1 else int(2.5 * t5),
+        "t5_layers": 2 if scale == 1 else 2 * scale,
+        "vae_channels": [16, 32, 32, 32] if scale == 1 else [16 * scale, 32 * scale, 32 * scale, 32 * scale],
+    }
+
+
+def _transformer_config(variant: str, scale: int) -> dict:
+    head_dim = 8 * scale
+    if variant == "sd3-medium":
+        layers, heads, qk, dual, pos = 4, 4, None, (), 64
+    elif variant == "sd3.5-medium":
+        layers, heads, qk, dual, pos = 4, 4, "rms_norm", (0, 1), 128
+    elif variant in ("sd3.5-large", "sd3.5-large-turbo"):
+        layers, heads, qk, dual, pos = 6, 6, "rms_norm", (), 64
+    else:
+        raise KeyError(f"No tiny build for {variant!r}; tiny variants: {', '.join(TINY_VARIANTS)}")
+    return {
+        "sample_size": 32,  # native 256 px: fast on CPU
+        "patch_size": 2,
+        "in_channels": 16,
+        "out_channels": 16,
+        "num_layers": layers * (2 if scale > 1 else 1),
+        "attention_head_dim": head_dim,
+        "num_attention_heads": heads,
+        "joint_attention_dim": _dims(scale)["t5_dim"],
+        "caption_projection_dim": heads * head_dim,
+        "pooled_projection_dim": 2 * _dims(scale)["clip_hidden"],
+        "pos_embed_max_size": pos,
+        "qk_norm": qk,
+        "dual_attention_layers": dual,
+    }
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte-level BPE alphabet: every byte mapped to a printable character."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A byte-level BPE vocabulary with every printable ASCII character and a few merges."""
+    byte_chars = list(_bytes_to_unicode().values())
+    tokens = ["<|startoftext|>", "<|endoftext|>"]
+    tokens += byte_chars + [c + "</w>" for c in byte_chars]
+    merges = []
+    for word in ("a", "the", "of", "red", "fox", "cat", "dog", "photo", "in", "on", "with"):
+        current = word[0]
+        for i, ch in enumerate(word[1:], start=1):
+            right = ch + ("</w>" if i == len(word) - 1 else "")
+            merges.append((current, right))
+            current = current + right
+            if current not in tokens:
+                tokens.append(current)
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+    return vocab, merges
+
+
+def _t5_vocab() -> list[tuple[str, float]]:
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    for word in ("a", "the", "of", "red", "fox", "cat", "dog", "photo", "in", "on", "with"):
+        pieces.append(("▁" + word, -3.0))
+    chars = string.ascii_letters + string.digits + string.punctuation
+    pieces += [(c, -5.0) for c in chars] + [("▁" + c, -6.0) for c in chars]
+    return pieces
+
+
+def build_shared_components(seed: int = _SHARED_SEED, scale: int = 1) -> dict:
+    """Text encoders, tokenizers, VAE and scheduler shared by every tiny variant."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        T5Config,
+        T5EncoderModel,
+        T5TokenizerFast,
+    )
+
+    dims = _dims(scale)
+    vocab, merges = _clip_vocab()
+    clip_tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    t5_tokenizer = T5TokenizerFast(vocab=_t5_vocab(), extra_ids=0, model_max_length=512)
+
+    def clip(seed_offset: int, act: str):
+        torch.manual_seed(seed + seed_offset)
+        config = CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=dims["clip_hidden"],
+            intermediate_size=dims["clip_ff"],
+            projection_dim=dims["clip_hidden"],
+            num_hidden_layers=dims["clip_layers"],
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act=act,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+        return CLIPTextModelWithProjection(config).eval()
+
+    text_encoder = clip(1, "quick_gelu")  # CLIP-L
+    text_encoder_2 = clip(2, "gelu")  # CLIP-G
+    torch.manual_seed(seed + 3)
+    text_encoder_3 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tokenizer),
+            d_model=dims["t5_dim"],
+            d_ff=dims["t5_ff"],
+            d_kv=16,
+            num_heads=4 * scale,
+            num_layers=dims["t5_layers"],
+            feed_forward_proj="gated-gelu",
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    ).eval()
+    torch.manual_seed(seed + 4)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=dims["vae_channels"],
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=8,
+        sample_size=256,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return {
+        "tokenizer": clip_tokenizer,
+        "tokenizer_2": clip_tokenizer,
+        "tokenizer_3": t5_tokenizer,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "text_encoder_3": text_encoder_3,
+        "vae": vae,
+        "scheduler": scheduler,
+    }
+
+
+def build_transformer(variant: str, scale: int = 1):
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(TINY_VARIANTS.index(variant) + 1)
+    model = SD3Transformer2DModel(**_transformer_config(variant, scale)).eval()
+    # Random init leaves the final projection near zero; give it real weights so images differ.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0 and p.ndim > 1:
+                p.normal_(0, 0.02)
+    return model
+
+
+def build_tiny_pipeline(variant: str, scale: int = 1, shared: dict | None = None):
+    from diffusers import StableDiffusion3Pipeline
+
+    shared = shared or build_shared_components(scale=scale)
+    return StableDiffusion3Pipeline(transformer=build_transformer(variant, scale), **shared)
+
+
+def _stamp_ok(folder: Path, variant: str, scale: int) -> bool:
+    try:
+        stamp = json.loads((folder / _STAMP).read_text())
+    except (OSError, ValueError):
+        return False
+    return stamp == {"format": TINY_FORMAT, "variant": variant, "scale": scale}
+
+
+def build_tiny_family(
+    root: str | os.PathLike, variants=TINY_VARIANTS, scale: int = 1, force: bool = False
+) -> dict[str, Path]:
+    """Build (or reuse) the tiny family under ``root``; returns {variant: folder}.
+
+    Each folder is a complete diffusers pipeline folder (model_index.json + subfolders).
+    Folders are written to a temporary name and renamed, so an interrupted build never leaves a
+    half-written model behind; an existing folder with a matching stamp is reused.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Path] = {}
+    shared = None
+    for variant in variants:
+        folder = root / (variant if scale == 1 else f"{variant}-x{scale}")
+        out[variant] = folder
+        if not force and _stamp_ok(folder, variant, scale):
+            continue
+        shared = shared or build_shared_components(scale=scale)
+        pipe = build_tiny_pipeline(variant, scale, shared)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=root))
+        pipe.save_pretrained(tmp)
+        (tmp / _STAMP).write_text(json.dumps({"format": TINY_FORMAT, "variant": variant, "scale": scale}))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    return out
+
+
+def tiny_variant_of(folder: str | os.PathLike) -> str | None:
+    """The tiny variant a folder holds (from its stamp), or None if it is not a tiny build."""
+    try:
+        return json.loads((Path(folder) / _STAMP).read_text()).get("variant")
+    except (OSError, ValueError):
+        return None
+
+
+if __name__ == "__main__":  # python -m studio.demo.tiny DIR
+    import sys
+
+    target = sys.argv[1] if len(sys.argv) > 1 else "tiny-sd3"
+    for name, path in build_tiny_family(target).items():
+        print(f"{name}: {path}")
