@@ -57,6 +57,10 @@ class StudioConfig:
     def loras_dir(self) -> Path:
         return self.data_dir / "loras"
 
+    @property
+    def upscalers_dir(self) -> Path:
+        return self.data_dir / "upscalers"  # upscaler models (studio.models.upscalers)
+
     def ensure_dirs(self) -> None:
         for d in (self.data_dir, self.images_dir):
             d.mkdir(parents=True, exist_ok=True)
