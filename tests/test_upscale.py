@@ -158,6 +158,9 @@ def test_loaded_upscalers_are_cached_by_content(library):
     small.load("tiny-esrgan-4x")
     assert small.cached() == [small.info("tiny-esrgan-4x").sha256]  # the oldest went
     assert small.load("tiny-esrgan-2x").descriptor is not first.descriptor
+    build_tiny_upscaler(library.folder / "tiny-esrgan-2x.safetensors", scale=2, seed=5)  # replaced in place
+    replaced = library.load("tiny-esrgan-2x")
+    assert replaced.descriptor is not a.descriptor and replaced.info.sha256 != a.info.sha256
 
 
 # --- refused files -----------------------------------------------------------------------------

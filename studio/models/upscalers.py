@@ -388,30 +388,41 @@ class UpscalerLibrary:
         )
         return info, desc
 
-    def info(self, name: str) -> UpscalerInfo:
-        """Inspect an upscaler (loads it once to identify it; raises UpscalerError)."""
-        return self.load(name, keep=False).info
-
-    def load(self, name: str, keep: bool = True) -> LoadedUpscaler:
-        """The upscaler ``name``, from the RAM cache when its content was loaded before.
-
-        ``keep``: put it in the cache (False: only identify it, e.g. for a listing)."""
+    def _hashed(self, name: str) -> tuple[Path, str]:
         path = self.path_for(name)
         try:
-            sha = self.hashes.file_hash(path)
+            return path, self.hashes.file_hash(path)
         except OSError as e:
             raise UpscalerError(f"{path.name} could not be read ({e.strerror}).") from None
+
+    def info(self, name: str) -> UpscalerInfo:
+        """Inspect an upscaler: identified once per content (the weights are not kept unless
+        :meth:`load` keeps them); raises UpscalerError."""
+        path, sha = self._hashed(name)
         with self._lock:
             info = self._infos.get(f"{sha}:{path.name}")
+        if info is None:
+            info, _ = self._identify(path, path.stem, sha)
+            with self._lock:
+                self._infos[f"{sha}:{path.name}"] = info
+        return info
+
+    def load(self, name: str) -> LoadedUpscaler:
+        """The upscaler ``name`` ready to run, from the RAM cache when the same content was loaded
+        before (a replaced file with the same name is new content: loaded again)."""
+        path, sha = self._hashed(name)
+        key = f"{sha}:{path.name}"
+        with self._lock:
+            info = self._infos.get(key)
             desc = self._loaded.get(sha)
             if desc is not None:
                 self._loaded.move_to_end(sha)
-        if info is not None and (desc is not None or not keep):
+        if info is not None and desc is not None:
             return LoadedUpscaler(info, desc)
         info, desc = self._identify(path, path.stem, sha)
         with self._lock:
-            self._infos[f"{sha}:{path.name}"] = info
-            if keep and self.cache_size:
+            self._infos[key] = info
+            if self.cache_size:
                 self._loaded[sha] = desc
                 self._loaded.move_to_end(sha)
                 while len(self._loaded) > self.cache_size:
