@@ -1,6 +1,6 @@
 """Hugging Face Space entry (README front matter: ``app_file: app.py``).
 
-Runs the studio in Space mode (see ``studio/spaces_support.py``): shared, a gallery per browser
+Runs the studio in Space mode (see ``studio/app/spaces.py``): shared, a gallery per browser
 session, catalog models only. ``SD35_STUDIO_DEMO=1`` runs the offline demo family. Locally,
 ``python launch.py`` is the entry point; ``SPACE_ID=me/studio python app.py`` imitates a Space.
 """
@@ -12,7 +12,7 @@ try:
 except ImportError:
     spaces = None
 
-from studio.spaces_support import main  # noqa: E402  (after `spaces`, on purpose)
+from studio.app.spaces import main  # noqa: E402  (after `spaces`, on purpose)
 
 if __name__ == "__main__":
     main()

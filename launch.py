@@ -9,7 +9,7 @@
 
 import sys
 
-from studio.cli import main
+from studio.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,6 +8,7 @@ platform's user data dir, e.g. ``~/.local/share/sd35-studio`` on Linux):
     <data-dir>/gallery.sqlite
     <data-dir>/models/tiny/  the offline demo family (built on first use of --demo)
     <data-dir>/loras/      LoRA .safetensors files
+    <data-dir>/masks/, inits/  inpaint masks and init images, stored by content (sha256)
 """
 
 from __future__ import annotations
@@ -17,7 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 APP_NAME = "sd35-studio"
+
+
+class ConfigError(ValueError):
+    """Flags that contradict each other; the message says which and what to do."""
 __version__ = "0.1.0"
+
+
+def on_space() -> bool:
+    """Running on a Hugging Face Space (``SPACE_ID`` is set on every Space)."""
+    return bool(os.environ.get("SPACE_ID"))
 
 
 def default_data_dir() -> Path:
@@ -44,6 +54,10 @@ class StudioConfig:
 
     def __post_init__(self):
         self.data_dir = Path(self.data_dir).expanduser().resolve()
+        if self.demo and self.model:
+            raise ConfigError(
+                f"--demo runs the offline demo models, so --model {self.model} would be ignored. Drop "
+                "--demo to load that model, or drop --model to try the demo.")
 
     @property
     def images_dir(self) -> Path:

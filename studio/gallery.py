@@ -14,16 +14,25 @@ may share one data dir: each thread has its own SQLite connection, writes are sh
 ``BEGIN IMMEDIATE`` transactions, and SQLite's locking serialises processes.
 
 Image ids are random (``secrets.token_hex(8)``) and validated on every call, so a caller can
-never make the gallery touch a path it chose. Shared deployments pass ``owner=`` (a session id)
-to every call: a given owner sees and changes only its own rows. Rows without an owner (for
-example images re-indexed by ``reconcile`` after a crash, whose owner is not stored in the PNG)
-are visible only to callers that pass no owner.
+never make the gallery touch a path it chose. Shared deployments pass ``owner=`` (a login or a
+session id) to every call: a given owner sees and changes only its own rows. An owner's images
+live in a folder of their own, ``images/o-<keyed hash of the owner>/<date>/<id>.png`` — the key
+is random and stays in the data dir, and the owner itself is written only to the index and to
+``cache/owners.json``, never into a PNG a user downloads — so after a crash, or with the index
+lost, :meth:`Gallery.reconcile` gives every image back to its owner. Images without an owner
+(a private run) live in ``images/<date>/`` and are visible only to callers that pass no owner.
+
+``reconcile`` runs at every start (the service calls it): it lists the files against the rows
+(no hashing), so a start with 10,000 images stays fast; a corrupt index is set aside and rebuilt
+from the PNGs' own metadata.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import errno
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -40,7 +49,8 @@ from typing import Any
 
 from PIL import Image
 
-from studio import pnginfo
+from studio.metadata import png as pnginfo
+from studio.errors import GalleryError
 from studio.files import TEMP_SUFFIX, atomic_write
 
 log = logging.getLogger(__name__)
@@ -94,10 +104,6 @@ END;
 """
 
 _COLUMNS = "id, path, created_at, prompt, negative_prompt, variant, mode, seed, width, height, starred, owner, metadata"
-
-
-class GalleryError(Exception):
-    """A gallery operation failed; the message says what to do about it."""
 
 
 @dataclass
@@ -241,12 +247,77 @@ class Gallery:
         self._conns_lock = threading.Lock()
         self._writer = None  # a one-thread executor for save_async, made on first use
         self._pending: set = set()
+        self._owners_path = self.data_dir / "cache" / "owners.json"
+        self._owner_key: bytes | None = None
+        self._owner_folders: dict[str, str] | None = None  # folder name -> owner
+        self.rebuilt_from = None  # the corrupt index set aside at start, if any
         try:
             self._images.mkdir(parents=True, exist_ok=True)
             self._thumbs.mkdir(parents=True, exist_ok=True)
-            self.has_fts = self._init_schema()
+            try:
+                self.has_fts = self._init_schema()
+            except sqlite3.DatabaseError as e:
+                if not _is_corrupt(e):
+                    raise
+                self._set_aside_corrupt_index()
+                self.has_fts = self._init_schema()
         except (OSError, sqlite3.Error) as e:
             raise GalleryError(self._storage_message(e, "open the gallery")) from e
+
+    def _set_aside_corrupt_index(self) -> None:
+        """Move a corrupt index (and its WAL) aside; the next reconcile rebuilds it from the PNGs."""
+        self.close()
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target = self.db_path.with_name(f"{DB_NAME}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(self.db_path) + suffix)
+            if src.exists():
+                os.replace(src, Path(str(target) + suffix))
+        self.rebuilt_from = target
+        log.warning("the gallery index was corrupt; it was moved to %s and is rebuilt from the images", target.name)
+
+    # --- owners ---------------------------------------------------------------------------
+
+    def _key(self) -> bytes:
+        if self._owner_key is None:
+            key_file = self.data_dir / "cache" / "owners.key"
+            try:
+                self._owner_key = key_file.read_bytes()
+            except FileNotFoundError:
+                key_file.parent.mkdir(parents=True, exist_ok=True)
+                key = secrets.token_bytes(32)
+                try:
+                    with open(key_file, "xb") as f:
+                        f.write(key)
+                    self._owner_key = key
+                except FileExistsError:  # another process wrote it first
+                    self._owner_key = key_file.read_bytes()
+        return self._owner_key
+
+    def owner_folder(self, owner: str) -> str:
+        """The folder name of an owner's images: a keyed hash, so it names nobody."""
+        return "o-" + hmac.new(self._key(), owner.encode(), hashlib.sha256).hexdigest()[:20]
+
+    def _owners(self) -> dict[str, str]:
+        if self._owner_folders is None:
+            try:
+                data = json.loads(self._owners_path.read_text())
+                self._owner_folders = {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+            except (OSError, ValueError):
+                self._owner_folders = {}
+        return self._owner_folders
+
+    def _remember_owner(self, folder: str, owner: str) -> None:
+        with self._conns_lock:
+            owners = self._owners()
+            if owners.get(folder) == owner:
+                return
+            owners[folder] = owner
+            try:
+                self._owners_path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(self._owners_path, lambda f: f.write(json.dumps(owners).encode()))
+            except OSError as e:  # the image is still indexed with its owner; only recovery is weaker
+                log.warning("could not record an image owner: %s", e)
 
     # --- connections ----------------------------------------------------------------------
 
@@ -391,9 +462,11 @@ class Gallery:
 
     def _row_values(self, image_id: str, rel: str, meta: dict, owner: str | None,
                     starred: bool = False) -> tuple:
-        def num(key):
+        def num(key):  # an index column (SQLite INTEGER is 64-bit signed); the JSON keeps the exact value
             v = meta.get(key)
-            return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not abs(v) < 2**63:
+                return None
+            return int(v)
 
         try:
             created = _utc_iso(meta.get("created_at"))
@@ -417,7 +490,8 @@ class Gallery:
             id=row["id"], path=self.data_dir / row["path"], thumb_path=self._thumb(row["id"]),
             created_at=row["created_at"], metadata=meta, starred=bool(row["starred"]),
             owner=row["owner"], prompt=row["prompt"], negative_prompt=row["negative_prompt"],
-            variant=row["variant"], mode=row["mode"], seed=row["seed"], width=row["width"],
+            variant=row["variant"], mode=row["mode"],
+            seed=row["seed"] if row["seed"] is not None else _exact_int(meta.get("seed")), width=row["width"],
             height=row["height"],
         )
 
@@ -438,6 +512,10 @@ class Gallery:
         except (ValueError, TypeError, OverflowError):
             day = dt.datetime.now()
         folder = self._images / day.strftime("%Y-%m-%d")
+        if owner is not None:
+            owner_dir = self.owner_folder(owner)
+            self._remember_owner(owner_dir, owner)
+            folder = self._images / owner_dir / day.strftime("%Y-%m-%d")
         path = folder / f"{image_id}.png"
         thumb = self._thumb(image_id)
         rel = path.relative_to(self.data_dir).as_posix()
@@ -528,7 +606,7 @@ class Gallery:
     ) -> Page:
         """One page of images, newest first, filtered. ``query`` matches words (as prefixes)
         in the prompt or negative prompt; dates are inclusive (a date means the whole day)."""
-        page = max(0, int(page))
+        page = max(0, min(int(page), 10**9))
         page_size = max(1, min(int(page_size), 1000))
         where, params = ["1"], []
         if owner is not None:
@@ -572,6 +650,13 @@ class Gallery:
         finally:
             conn.execute("COMMIT")
         return Page([self._from_row(r) for r in rows], total, page, page_size)
+
+    def references(self, sha: str) -> bool:
+        """Whether any image's metadata names ``sha`` (a stored mask or init image)."""
+        if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+            return False
+        row = self._conn().execute("SELECT 1 FROM images WHERE metadata LIKE ? LIMIT 1", [f"%{sha}%"]).fetchone()
+        return row is not None
 
     def count(self, owner: str | None = None) -> int:
         clause, params = self._owner_clause(owner)
@@ -646,8 +731,8 @@ class Gallery:
         * temp files (``.*.tmp``) older than ``temp_grace_s`` are removed (younger ones may
           belong to a save in progress in another process);
         * rows whose PNG is gone are dropped;
-        * PNGs with no row are re-indexed from their own metadata (``owner`` is not stored in
-          PNGs, so they come back without one); damaged/truncated PNGs are reported, not touched;
+        * PNGs with no row are re-indexed from their own metadata, each with its owner (from
+          its owner folder, ``images/o-…/``); damaged/truncated PNGs are reported, not touched;
         * missing thumbnails are rebuilt, thumbnails of no image removed.
 
         Per-file problems are collected in the report, never raised.
@@ -685,11 +770,17 @@ class Gallery:
                 report.errors.append(("index", str(e)))
         alive = set(known) - set(gone)
 
-        for png in sorted(self._images.glob("*/*.png")):
+        owners = self._owners()
+        for png in sorted([*self._images.glob("*/*.png"), *self._images.glob("o-*/*/*.png")]):
             image_id = png.stem
             if image_id in alive:
                 continue
             rel = png.relative_to(self.data_dir).as_posix()
+            top = png.relative_to(self._images).parts[0]
+            owner = owners.get(top) if top.startswith("o-") else None
+            if top.startswith("o-") and owner is None:
+                report.skipped.append((rel, "its owner is not recorded (cache/owners.json); kept, not indexed"))
+                continue
             if not self.valid_id(image_id):
                 report.skipped.append((rel, "file name is not a gallery id"))
                 continue
@@ -705,7 +796,7 @@ class Gallery:
                     meta.setdefault("imported_from", info.source)
                 if info.width and "width" not in meta:
                     meta["width"], meta["height"] = info.width, info.height
-                values = self._row_values(image_id, rel, meta, None)
+                values = self._row_values(image_id, rel, meta, owner)
                 cur = self._write(
                     f"INSERT OR IGNORE INTO images ({_COLUMNS}) VALUES ({','.join('?' * 13)})", values)
                 if cur.rowcount:
@@ -751,6 +842,16 @@ class Gallery:
             except sqlite3.DatabaseError:
                 return False
         return True
+
+
+def _exact_int(value):
+    """A seed past SQLite's 64-bit signed column, from the JSON metadata (None if not a whole number)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _is_corrupt(e: BaseException) -> bool:
+    text = str(e).lower()
+    return "not a database" in text or "malformed" in text or "file is encrypted" in text
 
 
 def _check_png(path: Path) -> str | None:

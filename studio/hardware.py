@@ -16,7 +16,7 @@ when it is called (on ZeroGPU Spaces, ``import spaces`` must come before CUDA is
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 GB = 2**30
 
@@ -29,6 +29,9 @@ class Gpu:
     name: str
     total_bytes: int
     free_bytes: int
+    # (major, minor) as torch.cuda.get_device_capability reports it; None when unknown (a
+    # simulated GPU without --compute-capability). fp8 compute needs (8, 9): Ada, Hopper, newer.
+    compute_capability: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,8 @@ class Hardware:
     ram_available_bytes: int = 0
     device: str = "cpu"  # the device the studio will use: "cuda" | "mps" | "cpu"
     overridden: bool = False
+    # Which parts are simulated rather than detected: any of "gpus", "ram", "mps", "device".
+    simulated: tuple[str, ...] = ()
     # Apple silicon shares RAM with the GPU: the most Metal lets the process allocate
     # (torch.mps.recommended_max_memory), 0 when there is no MPS.
     mps_budget_bytes: int = 0
@@ -54,21 +59,24 @@ class Hardware:
 
     def describe(self) -> str:
         """One human line per device, then the device the studio will use."""
-        tag = " (simulated)" if self.overridden else ""
+        def tag(part: str) -> str:
+            return " (simulated)" if part in self.simulated else ""
+
         lines = []
         for g in self.gpus:
+            cc = f", compute {g.compute_capability[0]}.{g.compute_capability[1]}" if g.compute_capability else ""
             lines.append(
-                f"cuda:{g.index}  {g.name} — {_gb(g.total_bytes)} total, {_gb(g.free_bytes)} free{tag}"
+                f"cuda:{g.index}  {g.name} — {_gb(g.total_bytes)} total, {_gb(g.free_bytes)} free{cc}{tag('gpus')}"
             )
         if self.mps:
             lines.append(
-                f"mps     Apple GPU — unified memory, Metal budget {_gb(self.mps_budget_bytes)}{tag}"
+                f"mps     Apple GPU — unified memory, Metal budget {_gb(self.mps_budget_bytes)}{tag('mps')}"
             )
         lines.append(
             f"cpu     RAM — {_gb(self.ram_total_bytes)} total, "
-            f"{_gb(self.ram_available_bytes)} available{tag}"
+            f"{_gb(self.ram_available_bytes)} available{tag('ram')}"
         )
-        lines.append(f"→ the studio will use: {self.device}")
+        lines.append(f"→ the studio will use: {self.device}{tag('device')}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -133,9 +141,11 @@ def _real_gpus() -> list[Gpu]:
         try:
             free, total = torch.cuda.mem_get_info(i)
             name = torch.cuda.get_device_name(i)
+            cc = tuple(int(x) for x in torch.cuda.get_device_capability(i))
         except RuntimeError:  # a GPU that is busy in exclusive mode, or a broken driver
             continue
-        gpus.append(Gpu(index=i, name=name, total_bytes=int(total), free_bytes=int(free)))
+        gpus.append(Gpu(index=i, name=name, total_bytes=int(total), free_bytes=int(free),
+                        compute_capability=cc))
     return gpus
 
 
@@ -160,6 +170,7 @@ def detect_hardware(
     ram_gb: float | None = None,
     gpus: int | None = None,
     device: str | None = None,
+    compute_capability: float | str | tuple[int, int] | None = None,
 ) -> Hardware:
     """The machine's inventory, or a simulated one where overrides are given.
 
@@ -167,7 +178,9 @@ def detect_hardware(
     ``gpus`` (default 1) simulated ones. ``gpus``: how many CUDA GPUs (0 = none); without
     ``vram_gb`` extra GPUs copy the first real one. ``ram_gb``: total = available RAM.
     ``device``: the device the studio uses ("cuda" | "mps" | "cpu"); by default CUDA, then MPS,
-    then CPU. Raises ``ValueError`` with the flag to add when an override cannot be honoured.
+    then CPU. ``compute_capability`` (e.g. 8.9, "8.9" or (8, 9)): what the CUDA GPUs report
+    (simulated GPUs copy a real GPU's, else have none). Raises ``ValueError`` with the flag to add
+    when an override cannot be honoured.
     """
     global _last_real
     if device is not None and device not in DEVICES:
@@ -178,11 +191,16 @@ def detect_hardware(
         raise ValueError("--ram must be a positive number of GB.")
     if gpus is not None and gpus < 0:
         raise ValueError("--gpus must be 0 or more.")
+    cc_override = _parse_capability(compute_capability)
 
     real_gpus = _real_gpus()
     mps, mps_budget = _real_mps()
     total, avail = ram_bytes()
-    overridden = any(v is not None for v in (vram_gb, ram_gb, gpus, device))
+    overridden = any(v is not None for v in (vram_gb, ram_gb, gpus, device, compute_capability))
+    simulated = tuple(part for part, given in (
+        ("gpus", vram_gb is not None or gpus is not None or compute_capability is not None),
+        ("ram", ram_gb is not None), ("mps", device == "mps" and (vram_gb is not None or not mps)),
+        ("device", device is not None)) if given)
     if not overridden:
         _last_real = None  # set below
 
@@ -206,6 +224,7 @@ def detect_hardware(
                 name=(real_gpus[i].name if i < len(real_gpus) else "simulated CUDA GPU"),
                 total_bytes=size,
                 free_bytes=size,
+                compute_capability=real_gpus[i].compute_capability if i < len(real_gpus) else None,
             )
             for i in range(count)
         ]
@@ -216,9 +235,12 @@ def detect_hardware(
                 "say how much memory each simulated GPU has."
             )
         inventory = [
-            Gpu(index=i, name=g.name, total_bytes=g.total_bytes, free_bytes=g.free_bytes)
+            Gpu(index=i, name=g.name, total_bytes=g.total_bytes, free_bytes=g.free_bytes,
+                compute_capability=g.compute_capability)
             for i, g in enumerate(real_gpus[i % len(real_gpus)] for i in range(gpus))
         ]
+    if cc_override is not None:
+        inventory = [replace(g, compute_capability=cc_override) for g in inventory]
     if ram_gb is not None:
         total = avail = int(ram_gb * GB)
 
@@ -236,11 +258,31 @@ def detect_hardware(
         ram_available_bytes=int(avail),
         device=device,
         overridden=overridden,
+        simulated=simulated,
         mps_budget_bytes=int(mps_budget) if mps else 0,
     )
     if not overridden:
         _last_real = hw
     return hw
+
+
+def _parse_capability(value) -> tuple[int, int] | None:
+    """8.9, "8.9", "8,9" or (8, 9) → (8, 9); None stays None. ValueError says the form."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, (tuple, list)):
+            major, minor = (int(v) for v in value)
+        else:
+            text = str(value).strip().replace(",", ".")
+            major_text, _, minor_text = text.partition(".")
+            major, minor = int(major_text), int(minor_text or 0)
+    except (TypeError, ValueError):
+        raise ValueError(f"--compute-capability {value!r}: give MAJOR.MINOR, e.g. 8.9 (RTX 40xx), "
+                         "9.0 (H100) or 8.6 (RTX 30xx).") from None
+    if not (1 <= major <= 20 and 0 <= minor <= 9):
+        raise ValueError(f"--compute-capability {value!r} is out of range: e.g. 8.9, 9.0 or 8.6.")
+    return major, minor
 
 
 # --- live readout ----------------------------------------------------------------------------

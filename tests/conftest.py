@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_family(tmp_path_factory):
     """The four tiny variants, built once per test session: {variant: folder}."""
-    from studio.tiny import build_tiny_family
+    from studio.demo.tiny import build_tiny_family
 
     return build_tiny_family(tmp_path_factory.mktemp("tiny"))
 
@@ -33,7 +33,7 @@ def demo_config(tmp_path, tiny_family):
 
 @pytest.fixture
 def studio(demo_config):
-    from studio.services import Studio
+    from studio.service import Studio
 
     return Studio(demo_config)
 

@@ -23,8 +23,8 @@ def running_studio(data_dir, tiny_family=None, shared: bool = False):
     not rebuilt per module.
     """
     from studio.config import StudioConfig
-    from studio.server import launch_kwargs
-    from studio.services import Studio
+    from studio.app.server import launch_kwargs
+    from studio.service import Studio
     from studio.ui.app import build_app, launch_options
 
     config = StudioConfig(data_dir=data_dir, demo=True, port=free_port())

@@ -213,7 +213,7 @@ def test_read_png_info(app, tmp_path):
 def test_shared_deployments_hide_the_token_field(tmp_path):
     """On a share link / Space the Hugging Face token field is not part of the page."""
     from studio.config import StudioConfig
-    from studio.services import Studio
+    from studio.service import Studio
     from studio.ui.app import build_app
 
     for shared in (False, True):

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from studio import bench_gpu
+from studio.bench import gpu as bench_gpu
 from studio.config import StudioConfig
 from studio.memory import build_meta_model, count_params, get_preset
 from studio.models import ModelManager, placement_from_preset
@@ -95,7 +95,7 @@ def test_component_configs_scale_down_and_refuse_inconsistent_overrides():
 def test_random_builder_writes_a_folder_that_loads_through_the_model_manager(tmp_path):
     from safetensors import safe_open
 
-    from studio import bench_gpu as b
+    from studio.bench import gpu as b
 
     root = tmp_path / "models"
     configs = b.component_configs("sd3.5-large", max_layers=1, overrides=SMALL)

@@ -31,7 +31,7 @@ def test_generate_demo_writes_a_png_and_prints_its_path(data_dir):
     from PIL import Image
 
     from studio.gallery import Gallery
-    from studio.pnginfo import read_png_info
+    from studio.metadata import read_png_info
     from test_pnginfo import a1111_parse  # an independent A1111 infotext parser
 
     out = run("generate", "a red fox, snow", "--demo", "--negative", "blurry: low", "--steps", "3",

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from studio import bench_gallery, pnginfo
+from studio.bench import gallery as bench_gallery
+from studio.metadata import png as pnginfo
 from studio.gallery import Gallery, GalleryError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from studio.errors import GalleryError
 from PIL import Image
 
 from studio.engine import Engine, GenerationRequest, ValidationError
-from studio.inpaint import MaskStore, mask_from_editor, normalize_mask, plan
+from studio.blobs import BlobStore as MaskStore
+from studio.engine.inpaint import mask_from_editor, normalize_mask, plan
 from studio.models import ModelManager
 
 FAST = dict(steps=3, seed=5, strength=1.0)
@@ -99,28 +102,30 @@ def test_only_masked_crops_around_the_mask_and_pastes_back(engine):
     assert d[205:235, 305:335].mean() > 10
 
 
-def test_mask_is_stored_by_content_and_found_from_the_image_id(engine):
-    res = inpaint(engine, batch_size=2)
+def test_mask_is_stored_by_content_and_found_from_the_image_id(studio):
+    res = inpaint(studio, batch_size=2)
     ids = [i.id for i in res.images]
     shas = {i.metadata["mask_sha256"] for i in res.images}
     assert len(shas) == 1  # one mask for the batch, stored once
-    store = engine.masks
+    store = studio.blobs.masks
     files = list(store.folder.glob("*.png"))
     assert len(files) == 1
     for image_id in ids:
-        path = store.for_image(engine.gallery, image_id)
-        assert path == files[0]
+        path = studio.mask_path(image_id)
+        assert path == str(files[0])
         with Image.open(path) as m:
             assert np.array_equal(np.asarray(m), np.asarray(square_mask()))
-    assert store.for_image(engine.gallery, "0" * 16) is None
+    with pytest.raises(GalleryError, match="No image with id"):
+        studio.mask_path("0" * 16)
     assert store.path("../../etc/passwd") is None
-    txt = engine.generate(GenerationRequest(prompt="x", steps=1, seed=1))
+    txt = studio.generate(GenerationRequest(prompt="x", steps=1, seed=1))
     assert "mask_sha256" not in txt.images[0].metadata
-    assert store.for_image(engine.gallery, txt.images[0].id) is None
+    with pytest.raises(GalleryError, match="has no inpaint mask"):
+        studio.mask_path(txt.images[0].id)
 
 
 def test_inpaint_metadata_reads_back_as_inpaint(engine):
-    from studio.pnginfo import fields_from_infotext, read_png_info
+    from studio.metadata import fields_from_infotext, read_png_info
 
     res = inpaint(engine, only_masked=True, padding=24, mask_blur=6)
     info = read_png_info(res.images[0].path)
@@ -181,7 +186,7 @@ def test_api_inpaint_and_gallery_mask(tmp_path_factory, tiny_family, tmp_path):
     gradio_client = pytest.importorskip("gradio_client")
     from gradio_client.exceptions import AppError
 
-    from studio.pnginfo import read_png_info
+    from studio.metadata import read_png_info
     from tests.conftest_ui import running_studio
 
     src, mask = tmp_path / "src.png", tmp_path / "mask.png"

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from studio.engine import Engine, GenerationRequest, ValidationError
-from studio.lora import LoraError, LoraLibrary, parse_selection, selection_from_fields, split_tags
+from studio.metadata.loras import parse_selection, selection_from_fields, split_tags
+from studio.models.lora import LoraError, LoraLibrary
 from studio.models import ModelError, ModelManager, lora_blocker
 
 FAST = dict(steps=2, width=256, height=256, seed=11)
@@ -214,7 +215,7 @@ def test_quantized_transformer_cannot_take_a_lora():
 
 def test_metadata_round_trip_json_and_infotext(engine, tmp_path):
     from studio.gallery import Gallery
-    from studio.pnginfo import fields_from_infotext, read_png_info
+    from studio.metadata import fields_from_infotext, read_png_info
 
     engine.gallery = Gallery(tmp_path / "g")
     res = run(engine, [("style-a", 0.8), ("style-b", 0.25)], prompt="a red fox, photo")
@@ -261,7 +262,7 @@ def api(tmp_path_factory, tiny_family, lora_files):
 def test_api_list_load_and_generate_with_loras(api, lora_files):
     from gradio_client.exceptions import AppError
 
-    from studio.pnginfo import read_png_info
+    from studio.metadata import read_png_info
 
     client, studio, gc = api
     listing = client.predict(api_name="/list_loras")

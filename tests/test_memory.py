@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from studio import catalog, memory
-from studio.cli import add_plan_arguments
+from studio.memory import bytes as membytes
+from studio.app.cli import add_plan_arguments
+from studio.app.plan import run_plan_command
 from studio import hardware as hw
 from studio.hardware import GB, Hardware, detect_hardware
 from studio.memory import Storage, allocated_bytes, build_meta_model, estimate, weight_bytes
@@ -61,7 +63,7 @@ def test_bf16_bytes_are_two_per_param_plus_buffers():
 
 def test_t5_wo_is_never_quantized_and_fp32_only_under_fp16():
     t5 = memory.meta_model("text_encoder_3", "sd3.5-large")
-    converted = memory._bnb_converted_linears(t5)
+    converted = membytes._bnb_converted_linears(t5)
     assert converted and not any(n.endswith(".wo") for n in converted)
     wo = sum(m.weight.numel() for n, m in t5.named_modules() if n.endswith(".wo"))
     assert wo == 24 * 4096 * 10240
@@ -75,7 +77,7 @@ def test_t5_wo_is_never_quantized_and_fp32_only_under_fp16():
 def test_fp8_layerwise_keeps_adaln_linears_in_bf16():
     """diffusers skips every module whose path matches "norm": norm1.linear (adaLN) included."""
     t = memory.meta_model("transformer", "sd3.5-large")
-    cast = memory._layerwise_cast_modules(t)
+    cast = membytes._layerwise_cast_modules(t)
     assert "transformer_blocks.0.attn.to_q" in cast
     assert "transformer_blocks.0.norm1.linear" not in cast
     assert not any(n.startswith("pos_embed") for n in cast)
@@ -198,9 +200,9 @@ def test_sd3_transformer_estimate_matches_real_layerwise_casting(kind):
 def test_group_offload_footprint_follows_diffusers_grouping():
     t = memory.meta_model("transformer", "sd3.5-large")
     sizes = memory.module_bytes(t, Storage())
-    block = memory._subtree(sizes, "transformer_blocks.0")
+    block = membytes._subtree(sizes, "transformer_blocks.0")
     total = sum(sizes.values())
-    rest = total - sum(memory._subtree(sizes, f"transformer_blocks.{i}") for i in range(38))
+    rest = total - sum(membytes._subtree(sizes, f"transformer_blocks.{i}") for i in range(38))
     fp = memory.group_offload_footprint(t, Storage(), use_stream=True)
     assert fp == rest + 2 * block
     # transformers' T5 has no top-level ModuleList: it is one group, moved whole
@@ -218,8 +220,18 @@ def test_activation_formulas_scale_with_resolution():
     assert a1 == 2 * tokens * 2432 * 2 * memory.TRANSFORMER_ACT_FACTOR
     assert memory.transformer_activation_bytes(cfg, 1024, 1024, batch=1) * 2 == a1
     v = memory.vae_decode_bytes(catalog.VAE_CONFIG, 1024, 1024)
-    assert v == int(5 * 256 * 1024 * 1024 * 2)  # 2.5 GB in bf16
+    assert v == int(5 * 256 * 1024 * 1024 * 2)  # 2.5 GB in bf16 on CUDA: 4.0 live + 1.0 slack
     assert memory.vae_decode_bytes(catalog.VAE_CONFIG, 2048, 2048) == 4 * v
+    cpu = memory.vae_decode_bytes(catalog.VAE_CONFIG, 1024, 1024, device="cpu")
+    assert cpu == int(4 * 256 * 1024 * 1024 * 2)  # measured on CPU: no CUDA slack
+    tiled = memory.vae_decode_bytes(catalog.VAE_CONFIG, 1024, 1024, tiled=True)
+    assert tiled < v / 3  # a 512 px tile at a time
+    assert memory.vae_decode_bytes(catalog.VAE_CONFIG, 512, 512, tiled=True) == \
+        memory.vae_decode_bytes(catalog.VAE_CONFIG, 512, 512)  # one tile: nothing changes
+    medium = catalog.SD35_MEDIUM_TRANSFORMER
+    dual = memory.transformer_activation_bytes(medium, 1024, 1024)
+    assert dual == 2 * tokens * 1536 * 2 * (memory.TRANSFORMER_ACT_FACTOR + memory.DUAL_ATTENTION_EXTRA)
+    assert memory.TRANSFORMER_ACT_FACTOR + memory.DUAL_ATTENTION_EXTRA == 22  # measured on Medium
 
 
 # --- presets -------------------------------------------------------------------------------------
@@ -338,14 +350,15 @@ def test_check_explains_why_a_preset_cannot_run_on_cpu():
 @pytest.mark.parametrize("variant", list(catalog.VARIANTS))
 @pytest.mark.parametrize("gpus", [1, 2])
 @pytest.mark.parametrize("ram", [16, 64])
-def test_more_vram_never_chooses_a_lower_quality_preset(variant, gpus, ram):
+def test_more_vram_never_chooses_a_worse_plan(variant, gpus, ram):
+    """The planner's objective (Preset.cost: quality lost + time) never gets worse with VRAM."""
     previous = None
     for vram in VRAM_GRID:
         plan = memory.choose(machine(vram, gpus, ram), variant, 1024, 1024)
-        rank = memory.get_preset(plan.preset).quality_rank if plan.fits else -1
+        cost = plan.preset_obj.cost if plan.fits else float("inf")
         if previous is not None:
-            assert rank >= previous, (variant, gpus, ram, vram, plan.preset)
-        previous = rank
+            assert cost <= previous, (variant, gpus, ram, vram, plan.preset)
+        previous = cost
 
 
 @pytest.mark.parametrize("variant", list(catalog.VARIANTS))
@@ -358,11 +371,11 @@ def test_every_size_gets_a_fitting_plan_or_an_honest_no(variant, vram):
         assert f"fits with preset '{plan.preset}'" in plan.explanation
     else:
         assert plan.explanation.startswith("No preset fits")
-    # every better preset is accounted for
-    better = [p.name for p in memory.presets_by_rank()
-              if p.quality_rank > memory.get_preset(plan.preset).quality_rank]
-    rejected = {r.preset for r in plan.rejected}
-    assert set(better) <= rejected
+    # every named preset that ranks better is accounted for, with its reason
+    better = {p.name for p in memory.presets_by_rank() if p.cost < plan.preset_obj.cost}
+    rejected = {r.preset: r.reason for r in plan.rejected if not r.axis}
+    assert better <= set(rejected)
+    assert all(rejected[name] for name in better)
 
 
 def test_large_on_8gb_fits_and_says_why():
@@ -422,7 +435,7 @@ def test_estimate_rows_and_turbo_without_cfg():
 def _run(argv, capsys):
     parser = argparse.ArgumentParser()
     add_plan_arguments(parser)
-    rc = memory.run_plan_command(parser.parse_args(argv))
+    rc = run_plan_command(parser.parse_args(argv))
     return rc, capsys.readouterr()
 
 

@@ -37,30 +37,26 @@ def test_parse_source(tiny_family, tmp_path):
 def test_swap_reloads_only_the_transformer(manager, tiny_family):
     first = manager.load(str(tiny_family["sd3.5-large"]))
     assert first.variant.name == "sd3.5-large" and first.is_tiny
-    assert {c for c, _ in manager.loads} == {
+    assert set(first.fresh) == {
         "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
         "tokenizer", "tokenizer_2", "tokenizer_3", "scheduler",
     }
-    manager.loads.clear()
     second = manager.load(str(tiny_family["sd3.5-large-turbo"]))
-    assert [c for c, _ in manager.loads] == ["transformer"], "encoders, tokenizers, VAE, scheduler reused"
+    assert list(second.fresh) == ["transformer"], "encoders, tokenizers, VAE, scheduler reused"
     assert second.variant.name == "sd3.5-large-turbo"
     for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         assert getattr(second.pipe, name) is getattr(first.pipe, name), name
     assert second.pipe.transformer is not first.pipe.transformer
     # back to Large: its transformer is still in the RAM cache — nothing is read from disk
-    manager.loads.clear()
     third = manager.load(str(tiny_family["sd3.5-large"]))
-    assert manager.loads == [] and third.pipe.transformer is first.pipe.transformer
+    assert third.fresh == () and third.pipe.transformer is first.pipe.transformer
 
 
 def test_identity_is_by_content_not_by_path(manager, tiny_family, tmp_path):
     copy = tmp_path / "copy-of-medium"
     shutil.copytree(tiny_family["sd3.5-medium"], copy)
     manager.load(str(tiny_family["sd3.5-medium"]))
-    manager.loads.clear()
-    manager.load(str(copy))
-    assert manager.loads == [], "an identical copy elsewhere is recognised by its hashes"
+    assert manager.load(str(copy)).fresh == (), "an identical copy elsewhere is recognised by its hashes"
     # change one byte of a weight file: that component (and only it) is loaded again
     from safetensors.torch import load_file, save_file
 
@@ -69,18 +65,23 @@ def test_identity_is_by_content_not_by_path(manager, tiny_family, tmp_path):
     key = next(iter(tensors))
     tensors[key] = tensors[key] + 1
     save_file(tensors, vae_file, metadata={"format": "pt"})
-    manager.load(str(copy))
-    assert [c for c, _ in manager.loads] == ["vae"]
+    assert list(manager.load(str(copy)).fresh) == ["vae"]
 
 
-def test_hashes_are_cached_across_managers(tiny_family, tmp_path):
+def test_hashes_are_cached_across_managers(tiny_family, tmp_path, monkeypatch):
+    from studio.models.identity import HashCache
+
+    hashed = []
+    real = HashCache._digest
+    monkeypatch.setattr(HashCache, "_digest", staticmethod(lambda path: hashed.append(path) or real(path)))
     config = StudioConfig(data_dir=tmp_path / "data")
     a = ModelManager(config)
     a.load(str(tiny_family["sd3-medium"]))
-    assert a.hashes.hashed_bytes > 0
+    assert hashed, "files are hashed the first time"
+    hashed.clear()
     b = ModelManager(config)
     b.load(str(tiny_family["sd3-medium"]))
-    assert b.hashes.hashed_bytes == 0, "unchanged files are not hashed again"
+    assert hashed == [], "unchanged files are not hashed again"
 
 
 def test_failed_load_keeps_the_previous_model(manager, tiny_family, tmp_path):
@@ -156,7 +157,7 @@ def test_hub_errors_teach(manager, monkeypatch, error, words):
 
 
 def test_ram_cache_is_bounded_least_recently_used_first(tiny_family, tmp_path):
-    from studio.models import _module_bytes
+    from studio.models.manager import _module_bytes
 
     probe = ModelManager(StudioConfig(data_dir=tmp_path / "probe"))
     one_transformer = _module_bytes(probe.load(str(tiny_family["sd3.5-large"])).pipe.transformer)
@@ -164,11 +165,8 @@ def test_ram_cache_is_bounded_least_recently_used_first(tiny_family, tmp_path):
     manager = ModelManager(StudioConfig(data_dir=tmp_path / "d"), cache_bytes=int(one_transformer * 1.5))
     for name in ("sd3.5-large", "sd3.5-large-turbo", "sd3-medium"):
         manager.load(str(tiny_family[name]))
-    manager.loads.clear()
-    manager.load(str(tiny_family["sd3.5-large-turbo"]))  # the most recent idle one: still cached
-    assert manager.loads == []
-    manager.load(str(tiny_family["sd3.5-large"]))  # the oldest: evicted, read again
-    assert [c for c, _ in manager.loads] == ["transformer"]
+    assert manager.load(str(tiny_family["sd3.5-large-turbo"])).fresh == ()  # the most recent idle one: cached
+    assert list(manager.load(str(tiny_family["sd3.5-large"])).fresh) == ["transformer"]  # the oldest: evicted
 
 
 def test_progress_reaches_the_caller(manager, tiny_family):

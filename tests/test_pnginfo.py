@@ -17,17 +17,9 @@ from hypothesis import strategies as st
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo as PilPngInfo
 
-from studio import pnginfo
-from studio.pnginfo import (
-    PARAMS,
-    fields_from_infotext,
-    infotext_to_fields,
-    parse_infotext,
-    parse_param_line,
-    read_png_info,
-    to_infotext,
-    write_png,
-)
+from studio.metadata import png as pnginfo
+from studio.metadata import fields_from_infotext, infotext_to_fields, parse_infotext, read_png_info, to_infotext, write_png
+from studio.metadata.infotext import PARAMS, parse_param_line
 
 META = {
     "studio_version": "0.1.0", "mode": "txt2img",

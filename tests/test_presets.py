@@ -13,7 +13,8 @@ import torch
 
 from studio.config import StudioConfig
 from studio.memory import Storage, allocated_bytes, build_meta_model, get_preset, module_bytes
-from studio.models import ModelError, ModelManager, placement_for, placement_from_preset
+from studio.models import ModelError, ModelManager, placement_from_preset
+from studio.service import Studio
 
 
 def _estimated(folder, component, cls, storage) -> int:
@@ -70,12 +71,12 @@ def test_nf4_transformer_stops_at_the_gpu_boundary_with_a_clear_message(tiny_fam
 
 
 def test_cuda_presets_are_refused_on_a_cpu_machine_with_the_reason(tmp_path):
-    config = StudioConfig(data_dir=tmp_path, device="cpu")
+    studio = Studio(StudioConfig(data_dir=tmp_path, device="cpu"))
     with pytest.raises(ModelError, match="cannot run here: NF4 quantization of the SD3 transformer needs a CUDA GPU"):
-        placement_for(config, "nf4-t5-8bit")
-    with pytest.raises(ModelError, match="Unknown preset|unknown preset|no preset"):
-        placement_for(config, "turbo-max")
-    p = placement_for(config, "cpu-bf16")
+        studio.placement_for("nf4-t5-8bit")
+    with pytest.raises(ModelError, match="Unknown memory preset 'turbo-max'. Valid presets: auto, full, "):
+        studio.placement_for("turbo-max")
+    p = studio.placement_for("cpu-bf16")
     assert p.device == "cpu" and p.dtype == torch.bfloat16
 
 
@@ -91,9 +92,8 @@ def test_changing_preset_reloads_what_it_changes(tiny_family, tmp_path):
     manager = ModelManager(StudioConfig(data_dir=tmp_path))
     folder = str(tiny_family["sd3-medium"])
     manager.load(folder, placement=placement_from_preset(get_preset("cpu-bf16"), "cpu"))
-    manager.loads.clear()
-    manager.load(folder, placement=placement_from_preset(get_preset("t5-8bit"), "cpu", validate_on_cpu=True))
-    reloaded = {c for c, _ in manager.loads}
+    loaded = manager.load(folder, placement=placement_from_preset(get_preset("t5-8bit"), "cpu", validate_on_cpu=True))
+    reloaded = set(loaded.fresh)
     assert "text_encoder_3" in reloaded, "T5 is reloaded in 8-bit"
     assert manager.current.placement.name == "t5-8bit"
 

@@ -46,7 +46,7 @@ def _link_tiny(data_dir: Path, tiny_family) -> None:
 @contextmanager
 def space_studio(data_dir: Path, tiny_family, extra_env: dict | None = None):
     """Launch the studio as a Space would (SPACE_ID set, SD35_STUDIO_DEMO=1), in-process."""
-    from studio.spaces_support import build_space, space_config
+    from studio.app.spaces import build_space, space_config
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SPACE_ID", "tester/sd35-studio")
@@ -304,7 +304,7 @@ def test_uploads_over_the_size_limit_are_refused(shared_app, tmp_path):
 
 
 def test_redacting_filter_on_every_installed_handler(capfd):
-    from studio.server import RedactSecrets, install_logging, redact
+    from studio.logs import RedactSecrets, install_logging, redact
 
     assert redact(f"token={PLANTED}!") == "token=hf_***!"
     assert redact("hf_short") == "hf_short"
@@ -428,7 +428,7 @@ def test_planted_token_in_process(tmp_path_factory, tiny_family, capfd):
 
 
 def test_share_without_auth_refuses_naming_auth(tmp_path, capsys):
-    from studio.cli import main
+    from studio.app.cli import main
 
     code = main(["--demo", "--data-dir", str(tmp_path / "d"), "--share"])
     err = capsys.readouterr().err
@@ -437,7 +437,7 @@ def test_share_without_auth_refuses_naming_auth(tmp_path, capsys):
 
 
 def test_parse_auth_user_pass_and_file(tmp_path):
-    from studio.server import StartupError, parse_auth
+    from studio.app.server import StartupError, parse_auth
 
     assert parse_auth("alice:secret:with:colons") == [("alice", "secret:with:colons")]
     f = tmp_path / "creds"
@@ -454,7 +454,7 @@ def test_parse_auth_user_pass_and_file(tmp_path):
 def test_shared_decision(monkeypatch):
     from types import SimpleNamespace
 
-    from studio.server import is_loopback, is_shared
+    from studio.app.server import is_loopback, is_shared
 
     monkeypatch.delenv("SPACE_ID", raising=False)
     assert not is_shared(SimpleNamespace())
@@ -468,7 +468,7 @@ def test_shared_decision(monkeypatch):
 
 
 def test_guard_unit(tmp_path):
-    from studio.server import FileRouteGuard
+    from studio.app.guards import FileRouteGuard
 
     data = tmp_path / "data"
     (data / "images").mkdir(parents=True)

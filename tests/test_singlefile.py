@@ -21,15 +21,15 @@ from safetensors.torch import load_file, save_file
 from studio.catalog import get_variant
 from studio.config import StudioConfig
 from studio.models import ModelError, ModelManager, Placement, default_placement
-from studio.singlefile import (
+from studio.models.singlefile import (
     CONFIG_ENV,
     CONFIG_PATTERNS,
     detect_variant,
-    export_official_layout,
     inspect_file,
     resolve_single_file,
 )
-from studio.tiny import TINY_VARIANTS
+from studio.demo.tiny import TINY_VARIANTS
+from tests.exporters import export_official_layout
 
 PROMPT = "a photo of a red fox"
 GEN = dict(height=256, width=256, num_inference_steps=2, guidance_scale=4.5, output_type="np")
@@ -234,7 +234,7 @@ def test_single_file_generates_the_same_image_as_the_folder(tiny_family, exporte
     manager = ModelManager(_config(tmp_path, tiny_family[variant]), placement=_cpu())
     loaded = manager.load(str(exported[variant]))
     assert loaded.variant.name == variant
-    assert {c for c, _ in manager.loads} >= {"transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"}
+    assert set(loaded.fresh) >= {"transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"}
     image = loaded.pipe(PROMPT, generator=torch.Generator().manual_seed(7), **GEN).images[0]
     assert image.shape == (256, 256, 3)
     plain, rounded = _reference_images(tiny_family[variant])
@@ -248,11 +248,10 @@ def test_switching_single_files_reuses_encoders_and_vae(tiny_family, exported, t
     config = _config(tmp_path, tiny_family["sd3.5-large"])
     manager = ModelManager(config, placement=_cpu())
     first = manager.load(str(exported["sd3.5-large"]))
-    manager.loads.clear()
     config.single_file_config_dir = tiny_family["sd3.5-large-turbo"]
     second = manager.load(str(exported["sd3.5-large-turbo"]))
     assert second.variant.name == "sd3.5-large-turbo"
-    assert [c for c, _ in manager.loads] == ["transformer"], "same encoder files and VAE bytes ⇒ shared"
+    assert list(second.fresh) == ["transformer"], "same encoder files and VAE bytes ⇒ shared"
     for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         assert getattr(second.pipe, name) is getattr(first.pipe, name), name
 

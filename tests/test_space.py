@@ -62,7 +62,7 @@ def test_readme_front_matter_makes_the_repo_a_gradio_space():
 
 
 def test_gpu_is_a_no_op_without_spaces_and_wraps_with_it(monkeypatch):
-    from studio import spaces_support
+    from studio.app import spaces as spaces_support
 
     def f(x):
         return x + 1
@@ -78,7 +78,7 @@ def test_gpu_is_a_no_op_without_spaces_and_wraps_with_it(monkeypatch):
 
 
 def test_space_data_dir(tmp_path):
-    from studio.spaces_support import space_data_dir
+    from studio.app.spaces import space_data_dir
 
     persistent = tmp_path / "data"
     persistent.mkdir()
@@ -94,7 +94,7 @@ def test_space_data_dir(tmp_path):
 
 
 def test_space_config_real_model_by_default_demo_on_request(monkeypatch, tmp_path):
-    from studio.spaces_support import on_space, space_config
+    from studio.app.spaces import on_space, space_config
 
     monkeypatch.setenv("SPACE_ID", "me/studio")
     monkeypatch.setenv("SD35_STUDIO_DATA_DIR", str(tmp_path / "d"))
@@ -111,7 +111,7 @@ def test_space_config_real_model_by_default_demo_on_request(monkeypatch, tmp_pat
 
 def test_owner_is_session_or_login_and_never_everything(tmp_path):
     from studio.config import StudioConfig
-    from studio.services import Studio
+    from studio.service import Studio
 
     studio = Studio(StudioConfig(data_dir=tmp_path / "d", demo=True))
     req = SimpleNamespace(session_hash="abc", username=None)

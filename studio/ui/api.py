@@ -1,280 +1,242 @@
-"""The named API endpoints: simple blocking functions with plain inputs, for gradio_client and
-scripts. They are wired to hidden components (never shown in the page), so their parameter names
-are clean and independent of the UI layout:
+"""The named API endpoints, for gradio_client and scripts: plain inputs, blocking calls.
 
-    /txt2img(prompt, negative_prompt, width, height, steps, guidance, seed, batch_count,
-             batch_size, slg, max_sequence_length, shift, loras) -> (images, seed, info)
-    /img2img(init_image, prompt, negative_prompt, strength, width, height, steps, guidance, seed,
-             batch_count, batch_size, max_sequence_length, shift, loras) -> (images, seed, info)
-    /inpaint(image, mask, prompt, negative_prompt, strength, mask_blur, only_masked, padding, steps,
-             guidance, seed, batch_count, batch_size, max_sequence_length, shift, loras)
-             -> (images, seed, info)
-    /load_lora(name, file) -> {name, sha256, size, text_encoders, loaded}
-    /list_loras() -> {loras: [{name, sha256, size, text_encoders, error}], active}
-    /gallery_mask(image_id) -> the inpaint mask of a gallery image (PNG, white = repainted)
-    /turbo(prompt, width, height, steps, seed, batch_count, batch_size) -> (images, seed, info)
-    /load_model(variant, source, preset) -> status
-    /gallery_list(query, variant, mode, starred_only, page, page_size) -> {total, page, pages, items}
-    /gallery_get(image_id) -> (png, metadata, infotext)
-    /gallery_star(image_id, starred) -> {id, starred}
-    /gallery_delete(image_id) -> {id, deleted}
-    /read_png_info(file) -> (fields, infotext, source, error)
-
-None for width/height/steps/guidance means "the model's native size / the variant's
-recommendation"; seed -1 is random. Bad values come back as errors with the engine's message.
-``loras`` is text: ``name:0.8, other`` (weight 1 when left out) or ``<lora:name:0.8>`` tags; the
-names are files in the data dir's ``loras`` folder (see /list_loras, /load_lora). An inpaint
-``mask`` is white (or opaque, for a PNG with alpha) where the image is repainted.
+They are wired to hidden components (never shown in the page), so their parameter names are
+clean and independent of the UI layout, and their defaults come from the limits table. Number
+inputs are passed to the engine exactly as sent (:class:`RawNumber`): ``steps=1.5``,
+``width="abc"`` or ``seed=[1]`` come back as an error naming the field, never silently rounded.
+Every endpoint's docstring is its description in ``client.view_api()``.
 """
 
 from __future__ import annotations
 
 import gradio as gr
 
-from ..catalog import VARIANTS
-from ..engine import GenerationRequest
-from ..lora import parse_selection
-from . import tab_gallery
-from .jobs import gpu_event
-from .tab_models import load_model
+from studio.catalog import VARIANTS
+from studio.engine.limits import LIMITS, MODES
+from studio.engine.request import build_request
+from studio.service import PAGE_SIZE
+from studio.ui.components import RawNumber
+from studio.ui.jobs import call, error, gpu_event
 
 SLG_CHOICES = ["auto", "on", "off"]
 
 
-def _slg(value):
-    return {"on": True, "off": False}.get(str(value or "auto").lower())
-
-
-def _num(value, kind=int):
-    """API numbers arrive as numbers or None; anything else goes to the engine to refuse."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value  # exact, however large: the engine names the range
-    try:
-        f = float(value)
-    except (TypeError, ValueError, OverflowError):
-        return value
-    return int(f) if kind is int and f.is_integer() else f
+def _num(label: str, mode: str | None = None, value=None):
+    lim = LIMITS.get(label)
+    if value is None and lim is not None:
+        value = lim.default_for(mode)
+    return RawNumber(value, label=label, info=lim.help if lim else None)
 
 
 def _result(res):
     return [i.path for i in res.images if i.path], res.seed, res.info
 
 
-def register(ctx) -> None:
-    studio = ctx.studio
-    jobs = ctx.jobs
+def _generate(ctx, mode: str, fields: dict, request, progress):
+    req = call(build_request, {**fields, "variant": ctx.variant_for_request() if mode != "turbo" else None}, mode)
+    res = ctx.jobs.run(req, request, progress)
+    if res.images and mode != "turbo":
+        ctx.remember(res.images[0].metadata.get("variant"))
+    return _result(res)
 
-    def txt2img(prompt, negative_prompt=None, width=None, height=None, steps=None, guidance=None, seed=None,
-                batch_count=None, batch_size=None, slg=None, max_sequence_length=None, shift=None,
-                loras=None, request: gr.Request = None, progress=gr.Progress()):
-        req = GenerationRequest(
-            prompt=prompt or "", negative_prompt=negative_prompt or "", mode="txt2img",
-            width=_num(width), height=_num(height), steps=_num(steps), guidance=_num(guidance, float),
-            seed=-1 if seed is None else _num(seed), batch_count=1 if batch_count is None else _num(batch_count),
-            batch_size=1 if batch_size is None else _num(batch_size), slg=_slg(slg),
-            max_sequence_length=256 if max_sequence_length is None else _num(max_sequence_length),
-            shift=_num(shift, float), variant=ctx.variant_for_request(), loras=parse_selection(loras),
-        )
-        res = jobs.run(req, request, progress)
-        if res.images:
-            ctx.remember(res.images[0].metadata.get("variant"))
-        return _result(res)
 
-    def img2img(init_image=None, prompt=None, negative_prompt=None, strength=None, width=None, height=None,
-                steps=None, guidance=None, seed=None, batch_count=None, batch_size=None,
-                max_sequence_length=None, shift=None, loras=None, request: gr.Request = None,
-                progress=gr.Progress()):
-        req = GenerationRequest(
-            prompt=prompt or "", negative_prompt=negative_prompt or "", mode="img2img",
-            init_image=init_image or None, strength=0.6 if strength is None else _num(strength, float),
-            width=_num(width), height=_num(height), steps=_num(steps), guidance=_num(guidance, float),
-            seed=-1 if seed is None else _num(seed), batch_count=1 if batch_count is None else _num(batch_count),
-            batch_size=1 if batch_size is None else _num(batch_size),
-            max_sequence_length=256 if max_sequence_length is None else _num(max_sequence_length),
-            shift=_num(shift, float), variant=ctx.variant_for_request(), loras=parse_selection(loras),
-        )
-        return _result(jobs.run(req, request, progress))
+def _generation_endpoints(ctx, out):
+    """/txt2img, /img2img, /inpaint, /turbo."""
 
-    def inpaint(image=None, mask=None, prompt=None, negative_prompt=None, strength=None, mask_blur=None,
-                only_masked=None, padding=None, steps=None, guidance=None, seed=None, batch_count=None,
+    def txt2img(prompt, negative_prompt=None, width=None, height=None, steps=None, guidance=None, seed=None, batch_count=None, batch_size=None, slg=None,
+                max_sequence_length=None, shift=None, loras=None, request: gr.Request = None, progress=gr.Progress()):
+        """Text to image. Returns (the saved PNG files, the first seed used, the info text).
+
+        width/height None: the model's native size (snapped to 16, and said so); steps/guidance
+        None: the variant's recommendation; seed -1: random; loras: "name:0.8, other" or <lora:name:0.8>."""
+        return _generate(ctx, "txt2img", dict(
+            prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
+            guidance=guidance, seed=seed, batch_count=batch_count, batch_size=batch_size, slg=slg,
+            max_sequence_length=max_sequence_length, shift=shift, loras=loras), request, progress)
+
+    def img2img(init_image=None, prompt=None, negative_prompt=None, strength=None, width=None, height=None, steps=None, guidance=None, seed=None, batch_count=None,
                 batch_size=None, max_sequence_length=None, shift=None, loras=None, request: gr.Request = None,
                 progress=gr.Progress()):
-        req = GenerationRequest(
-            prompt=prompt or "", negative_prompt=negative_prompt or "", mode="inpaint",
-            init_image=image or None, mask_image=mask or None,
-            strength=0.85 if strength is None else _num(strength, float),
-            mask_blur=4 if mask_blur is None else _num(mask_blur), only_masked=bool(only_masked),
-            padding=32 if padding is None else _num(padding), steps=_num(steps), guidance=_num(guidance, float),
-            seed=-1 if seed is None else _num(seed), batch_count=1 if batch_count is None else _num(batch_count),
-            batch_size=1 if batch_size is None else _num(batch_size),
-            max_sequence_length=256 if max_sequence_length is None else _num(max_sequence_length),
-            shift=_num(shift, float), variant=ctx.variant_for_request(), loras=parse_selection(loras),
-        )
-        return _result(jobs.run(req, request, progress))
+        """Image to image: repaint an init image by strength. Returns (PNG files, seed, info).
 
-    def load_lora(name=None, file=None):
-        """Make a LoRA available: copy an uploaded file into the loras folder (format checked), and
-        load it into the current model (if one is loaded) so a mismatch shows now, not at Generate."""
-        from ..lora import LoraError
-        from .jobs import call, error
+        width/height None: the init image's size, brought within the model's limits."""
+        return _generate(ctx, "img2img", dict(
+            init_image=init_image, prompt=prompt, negative_prompt=negative_prompt, strength=strength, width=width,
+            height=height, steps=steps, guidance=guidance, seed=seed, batch_count=batch_count,
+            batch_size=batch_size, max_sequence_length=max_sequence_length, shift=shift, loras=loras),
+            request, progress)
 
-        lib = studio.models.loras
-        try:
-            if file:
-                if studio.shared:
-                    raise error("Uploading LoRAs is off on shared deployments.", "Not available")
-                info = lib.import_file(file, name=(name or "").strip() or None)
-            elif name and str(name).strip():
-                info = lib.info(str(name).strip())
-            else:
-                raise error("Give the name of a LoRA in the loras folder, or upload a .safetensors file.")
-        except LoraError as e:
-            raise error(e, "Could not load the LoRA") from None
-        loaded = False
-        manager = studio.models
-        if manager.current is not None:
-            with manager.lock:
-                call(manager.activate_loras, manager.current, [(info, 1.0)])
-                manager.activate_loras(manager.current, [])  # loaded, but off until a request selects it
-            loaded = True
-        return {"name": info.name, "sha256": info.sha256, "size": info.size,
-                "text_encoders": info.text_encoders, "loaded": loaded}
+    def inpaint(image=None, mask=None, prompt=None, negative_prompt=None, strength=None, mask_blur=None, only_masked=None, padding=None, steps=None, guidance=None,
+                seed=None, batch_count=None, batch_size=None, max_sequence_length=None, shift=None, loras=None, request: gr.Request = None,
+                progress=gr.Progress()):
+        """Inpaint: repaint an image where its mask is white (or opaque, for a PNG with alpha).
 
-    def list_loras():
-        return {"loras": studio.models.loras.describe(),
-                "active": studio.models.active_loras() if "models" in studio.__dict__ else []}
+        Returns (PNG files, seed, info); pixels away from the mask stay the source's."""
+        return _generate(ctx, "inpaint", dict(
+            init_image=image, mask_image=mask, prompt=prompt, negative_prompt=negative_prompt, strength=strength,
+            mask_blur=mask_blur, only_masked=only_masked, padding=padding, steps=steps, guidance=guidance,
+            seed=seed, batch_count=batch_count, batch_size=batch_size, max_sequence_length=max_sequence_length,
+            shift=shift, loras=loras), request, progress)
 
-    def gallery_mask(image_id, request: gr.Request = None):
-        from .jobs import error
+    def turbo(prompt, width=None, height=None, steps=None, seed=None, batch_count=None, batch_size=None, request: gr.Request = None,
+              progress=gr.Progress()):
+        """SD3.5 Large Turbo: 4 steps, no CFG (no negative prompt). Returns (PNG files, seed, info)."""
+        return _generate(ctx, "turbo", dict(prompt=prompt, width=width, height=height, steps=steps, seed=seed,
+                                            batch_count=batch_count, batch_size=batch_size), request, progress)
 
-        tab_gallery.get_image(studio, request, image_id)  # raises when not visible to this session
-        path = studio.engine.masks.for_image(studio.gallery, image_id, owner=studio.owner_for(request))
-        if path is None:
-            raise error(f"Image {image_id} has no inpaint mask.", "No mask")
-        return str(path)
+    def common(_mode, negative=True):
+        parts = [gr.Textbox(label="prompt")]
+        if negative:
+            parts.append(gr.Textbox(label="negative_prompt"))
+        return parts
 
-    def turbo(prompt, width=None, height=None, steps=None, seed=None, batch_count=None, batch_size=None,
-              request: gr.Request = None, progress=gr.Progress()):
-        req = GenerationRequest(
-            prompt=prompt or "", mode="turbo", width=_num(width), height=_num(height), steps=_num(steps),
-            seed=-1 if seed is None else _num(seed), batch_count=1 if batch_count is None else _num(batch_count),
-            batch_size=1 if batch_size is None else _num(batch_size),
-        )
-        return _result(jobs.run(req, request, progress))
+    def sizes_steps(mode, guidance=True):
+        parts = [_num("width", mode), _num("height", mode), _num("steps", mode)]
+        if guidance:
+            parts.append(_num("guidance", mode))
+        return parts + [_num("seed", mode), _num("batch_count", mode), _num("batch_size", mode)]
+
+    def tail(mode):
+        return [_num("max_sequence_length", mode), _num("shift", mode), gr.Textbox("", label="loras")]
+
+    def image(label):
+        # a File, not an Image: gr.Image decodes uploads itself; the engine checks the header first
+        return gr.File(None, type="filepath", file_types=["image"], label=label)
+
+    inputs = {
+        "txt2img": [*common("txt2img"), *sizes_steps("txt2img"), gr.Dropdown(SLG_CHOICES, value="auto", label="slg"),
+                    *tail("txt2img")],
+        "img2img": [image("init_image"), *common("img2img"), _num("strength", "img2img"), *sizes_steps("img2img"),
+                    *tail("img2img")],
+        "inpaint": [image("image"), image("mask"), *common("inpaint"), _num("strength", "inpaint"),
+                    _num("mask_blur", "inpaint"), gr.Checkbox(False, label="only_masked"), _num("padding", "inpaint"),
+                    _num("steps", "inpaint"), _num("guidance", "inpaint"), _num("seed", "inpaint"),
+                    _num("batch_count", "inpaint"), _num("batch_size", "inpaint"), *tail("inpaint")],
+        "turbo": [*common("turbo", negative=False), *sizes_steps("turbo", guidance=False)],
+    }
+    fns = {"txt2img": txt2img, "img2img": img2img, "inpaint": inpaint, "turbo": turbo}
+    gen_out = [gr.File(file_count="multiple", label="images"), gr.Number(label="seed_used", precision=0),
+               gr.Textbox(label="info")]
+    for name, fn in fns.items():
+        gpu_event(out[name].click, fn, inputs[name], gen_out, api_name=name)
+
+
+def _model_endpoints(ctx, out):
+    """/load_model, /load_lora, /list_loras."""
+    studio = ctx.studio
 
     def load(variant=None, source=None, preset=None, progress=gr.Progress()):
+        """Load (or switch to) a variant with a memory preset ("auto": the planner's choice). Returns
+        the status line. On a shared deployment only catalog variants load (no source)."""
+        from studio.ui.tab_models import load_model
+
         status = load_model(studio, variant, source, preset, progress)
         if variant:
             ctx.main_variant = variant
         return status
 
-    def gallery_list(query=None, variant=None, mode=None, starred_only=None, page=None, page_size=None,
-                     request: gr.Request = None):
-        p = tab_gallery.list_images(studio, request, query, variant, mode, bool(starred_only),
-                                    _num(page) or 0, _num(page_size) or tab_gallery.PAGE_SIZE)
-        return {"total": p.total, "page": p.page, "pages": p.pages,
-                "items": [tab_gallery.item_summary(i) for i in p.items]}
+    def load_lora(name=None, file=None):
+        """Make a LoRA available: copy an uploaded .safetensors file into the loras folder (format
+        checked; not on shared deployments) or name one there, and check it against the loaded
+        model. LoRAs are then selected per request (the loras parameter), never for everyone.
+        Returns {name, sha256, size, text_encoders, loaded}."""
+        if file:
+            info = call(studio.import_lora, file, (name or "").strip() or None)
+        elif name and str(name).strip():
+            info = None
+        else:
+            raise error("Give the name of a LoRA in the loras folder, or upload a .safetensors file.")
+        info, loaded = call(studio.check_lora, info.name if info else str(name).strip())
+        return {"name": info.name, "sha256": info.sha256, "size": info.size,
+                "text_encoders": info.text_encoders, "loaded": loaded}
+
+    def list_loras():
+        """The LoRAs in the loras folder ({loras: [{name, sha256, size, text_encoders, error}], active})."""
+        return call(studio.describe_loras)
+
+    gpu_event(out["load_model"].click, load,
+              [gr.Dropdown([""] + list(VARIANTS), value="", label="variant"), gr.Textbox(label="source"),
+               gr.Textbox("auto", label="preset")], gr.Textbox(label="status"), api_name="load_model")
+    gpu_event(out["load_lora"].click, load_lora,
+              [gr.Textbox("", label="name"), gr.File(None, type="filepath", file_types=[".safetensors"], label="file")],
+              gr.JSON(label="lora"), api_name="load_lora")
+    out["list_loras"].click(list_loras, None, gr.JSON(label="loras"), api_name="list_loras", concurrency_limit=None)
+
+
+def item_summary(item) -> dict:
+    """A gallery row as plain JSON (no paths: files come through /gallery_get)."""
+    return {"id": item.id, "created_at": item.created_at, "prompt": item.prompt,
+            "negative_prompt": item.negative_prompt, "variant": item.variant, "mode": item.mode,
+            "seed": item.seed, "width": item.width, "height": item.height, "starred": bool(item.starred)}
+
+
+def _gallery_endpoints(ctx, out):
+    """/gallery_list, /gallery_get, /gallery_star, /gallery_delete, /gallery_mask, /read_png_info."""
+    studio = ctx.studio
+
+    def gallery_list(query=None, variant=None, mode=None, starred_only=None, page=None, page_size=None, request: gr.Request = None):
+        """One page of your gallery, newest first: {total, page, pages, items}. query matches words of
+        the prompt; variant and mode filter; page counts from 0."""
+        p = call(studio.list_images, studio.owner_for(request), query, variant, mode, bool(starred_only),
+                 page, page_size)
+        return {"total": p.total, "page": p.page, "pages": p.pages, "items": [item_summary(i) for i in p.items]}
 
     def gallery_get(image_id, request: gr.Request = None):
-        from ..pnginfo import to_infotext
+        """One of your images by id: (the original PNG, {id, starred, created_at, metadata}, infotext)."""
+        from studio.metadata import to_infotext
 
-        item = tab_gallery.get_image(studio, request, image_id)
+        item = call(studio.get_image, image_id, studio.owner_for(request))
         meta = dict(item.metadata or {})
         return str(item.path), {"id": item.id, "starred": bool(item.starred), "created_at": item.created_at,
                                 "metadata": meta}, to_infotext(meta)
 
     def gallery_star(image_id, starred=True, request: gr.Request = None):
-        return {"id": image_id, "starred": tab_gallery.star_image(studio, request, image_id, bool(starred))}
+        """Star or unstar one of your images: {id, starred}."""
+        return {"id": image_id, "starred": call(studio.star_image, image_id, bool(starred), studio.owner_for(request))}
 
     def gallery_delete(image_id, request: gr.Request = None):
-        tab_gallery.delete_image(studio, request, image_id)
+        """Delete one of your images (and its stored mask / init image when no other image uses them)."""
+        call(studio.delete_image, image_id, studio.owner_for(request))
         return {"id": image_id, "deleted": True}
 
+    def gallery_mask(image_id, request: gr.Request = None):
+        """The inpaint mask of one of your images (PNG, white = repainted)."""
+        return call(studio.mask_path, image_id, studio.owner_for(request))
+
     def read_png_info(file=None):
-        info = tab_gallery.read_info(file)
+        """The generation metadata of any PNG (ours, A1111/Forge/SD.Next, ComfyUI, InvokeAI):
+        (fields, infotext, source, error). Fields use studio names; nothing is trusted or opened."""
+        info = call(studio.read_png_info, file)
         return info.fields, info.infotext, info.source, info.error or ""
 
-    with gr.Column(visible=False, elem_id="api-endpoints"):
-        prompt = gr.Textbox(label="prompt")
-        negative = gr.Textbox(label="negative_prompt")
-        width = gr.Number(None, label="width", precision=0)
-        height = gr.Number(None, label="height", precision=0)
-        steps = gr.Number(None, label="steps", precision=0)
-        guidance = gr.Number(None, label="guidance")
-        seed = gr.Number(-1, label="seed", precision=0)
-        batch_count = gr.Number(1, label="batch_count", precision=0)
-        batch_size = gr.Number(1, label="batch_size", precision=0)
-        slg = gr.Dropdown(SLG_CHOICES, value="auto", label="slg")
-        msl = gr.Number(256, label="max_sequence_length", precision=0)
-        shift = gr.Number(None, label="shift")
-        # a File, not an Image: gr.Image decodes uploads itself; the engine refuses bombs before decoding
-        init_image = gr.File(None, type="filepath", file_types=["image"], label="init_image")
-        strength = gr.Number(0.6, label="strength")
-        loras = gr.Textbox("", label="loras")
-        inpaint_image = gr.File(None, type="filepath", file_types=["image"], label="image")
-        mask = gr.File(None, type="filepath", file_types=["image"], label="mask")
-        inpaint_strength = gr.Number(0.85, label="strength")
-        mask_blur = gr.Number(4, label="mask_blur", precision=0)
-        only_masked = gr.Checkbox(False, label="only_masked")
-        padding = gr.Number(32, label="padding", precision=0)
-        lora_name = gr.Textbox("", label="name")
-        lora_file = gr.File(None, type="filepath", file_types=[".safetensors"], label="file")
-        lora_info = gr.JSON(label="lora")
-        lora_list = gr.JSON(label="loras")
-        mask_png = gr.File(label="mask")
-        images = gr.File(file_count="multiple", label="images")
-        seed_used = gr.Number(label="seed_used", precision=0)
-        info = gr.Textbox(label="info")
-
-        variant = gr.Dropdown([""] + list(VARIANTS), value="", label="variant")
-        source = gr.Textbox(label="source")
-        preset = gr.Textbox("auto", label="preset")
-        status = gr.Textbox(label="status")
-
-        query = gr.Textbox(label="query")
-        mode = gr.Dropdown(["", "txt2img", "img2img", "turbo"], value="", label="mode")
-        starred_only = gr.Checkbox(False, label="starred_only")
-        page = gr.Number(0, label="page", precision=0)
-        page_size = gr.Number(tab_gallery.PAGE_SIZE, label="page_size", precision=0)
-        listing = gr.JSON(label="listing")
-        image_id = gr.Textbox(label="image_id")
-        starred = gr.Checkbox(True, label="starred")
-        png = gr.File(label="png")
-        details = gr.JSON(label="details")
-        infotext = gr.Textbox(label="infotext")
-        result = gr.JSON(label="result")
-        file = gr.File(label="file", type="filepath")
-        fields = gr.JSON(label="fields")
-        png_source = gr.Textbox(label="source")
-        error = gr.Textbox(label="error")
-
-        b = {name: gr.Button(visible=False) for name in (
-            "txt2img", "img2img", "turbo", "load_model", "gallery_list", "gallery_get", "gallery_star",
-            "gallery_delete", "read_png_info", "inpaint", "load_lora", "list_loras", "gallery_mask")}
-
-    gen_out = [images, seed_used, info]
-    gpu_event(b["txt2img"].click, txt2img,
-              [prompt, negative, width, height, steps, guidance, seed, batch_count, batch_size, slg, msl, shift,
-               loras], gen_out, api_name="txt2img")
-    gpu_event(b["img2img"].click, img2img,
-              [init_image, prompt, negative, strength, width, height, steps, guidance, seed, batch_count,
-               batch_size, msl, shift, loras], gen_out, api_name="img2img")
-    gpu_event(b["inpaint"].click, inpaint,
-              [inpaint_image, mask, prompt, negative, inpaint_strength, mask_blur, only_masked, padding, steps,
-               guidance, seed, batch_count, batch_size, msl, shift, loras], gen_out, api_name="inpaint")
-    gpu_event(b["load_lora"].click, load_lora, [lora_name, lora_file], lora_info, api_name="load_lora")
-    gpu_event(b["turbo"].click, turbo, [prompt, width, height, steps, seed, batch_count, batch_size], gen_out,
-              api_name="turbo")
-    gpu_event(b["load_model"].click, load, [variant, source, preset], status, api_name="load_model")
     kw = dict(concurrency_limit=None)
-    b["gallery_list"].click(gallery_list, [query, variant, mode, starred_only, page, page_size], listing,
-                            api_name="gallery_list", **kw)
-    b["gallery_get"].click(gallery_get, image_id, [png, details, infotext], api_name="gallery_get", **kw)
-    b["gallery_star"].click(gallery_star, [image_id, starred], result, api_name="gallery_star", **kw)
-    b["gallery_delete"].click(gallery_delete, image_id, result, api_name="gallery_delete", **kw)
-    b["read_png_info"].click(read_png_info, file, [fields, infotext, png_source, error], api_name="read_png_info",
-                             **kw)
-    b["list_loras"].click(list_loras, None, lora_list, api_name="list_loras", **kw)
-    b["gallery_mask"].click(gallery_mask, image_id, mask_png, api_name="gallery_mask", **kw)
+    image_id = gr.Textbox(label="image_id")
+    out["gallery_list"].click(
+        gallery_list,
+        [gr.Textbox(label="query"), gr.Dropdown([""] + list(VARIANTS), value="", label="variant"),
+         gr.Dropdown([""] + list(MODES), value="", label="mode"), gr.Checkbox(False, label="starred_only"),
+         RawNumber(0, label="page"), RawNumber(PAGE_SIZE, label="page_size")],
+        gr.JSON(label="listing"), api_name="gallery_list", **kw)
+    out["gallery_get"].click(gallery_get, image_id, [gr.File(label="png"), gr.JSON(label="details"),
+                                                     gr.Textbox(label="infotext")], api_name="gallery_get", **kw)
+    out["gallery_star"].click(gallery_star, [image_id, gr.Checkbox(True, label="starred")], gr.JSON(label="result"),
+                              api_name="gallery_star", **kw)
+    out["gallery_delete"].click(gallery_delete, image_id, gr.JSON(label="result"), api_name="gallery_delete", **kw)
+    out["gallery_mask"].click(gallery_mask, image_id, gr.File(label="mask"), api_name="gallery_mask", **kw)
+    out["read_png_info"].click(
+        read_png_info, gr.File(label="file", type="filepath"),
+        [gr.JSON(label="fields"), gr.Textbox(label="infotext"), gr.Textbox(label="source"), gr.Textbox(label="error")],
+        api_name="read_png_info", **kw)
+
+
+ENDPOINTS = ("txt2img", "img2img", "turbo", "inpaint", "load_model", "load_lora", "list_loras", "gallery_list",
+             "gallery_get", "gallery_star", "gallery_delete", "gallery_mask", "read_png_info")
+
+
+def register(ctx) -> None:
+    """Add the hidden components and the named endpoints to the app being built."""
+    with gr.Column(visible=False, elem_id="api-endpoints"):
+        triggers = {name: gr.Button(visible=False) for name in ENDPOINTS}
+        _generation_endpoints(ctx, triggers)
+        _model_endpoints(ctx, triggers)
+        _gallery_endpoints(ctx, triggers)

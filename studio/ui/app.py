@@ -11,8 +11,10 @@ from pathlib import Path
 import gradio as gr
 
 from . import api, tab_gallery, tab_img2img, tab_inpaint, tab_models, tab_turbo, tab_txt2img
+from studio.metadata import request_fields
+
 from .context import UIContext, status_html
-from .jobs import gpu_event
+from .jobs import call, gpu_event
 
 CSS = (Path(__file__).with_name("style.css")).read_text()
 
@@ -89,7 +91,7 @@ def _wire_cross_tab(ctx, header, tabs, gen_tabs, gal, models, tab_blocks) -> Non
                                        [img.init_image, tabs], queue=False, **private)
 
     def send_from_gallery(image_id, request: gr.Request):
-        path = tab_gallery.get_image(studio, request, image_id).path
+        path = call(studio.get_image, image_id, studio.owner_for(request)).path
         return str(path), gr.Tabs(selected="img2img")
 
     gal.send_btn.click(send_from_gallery, gal.selected_id, [img.init_image, tabs], concurrency_limit=None,
@@ -100,29 +102,26 @@ def _wire_cross_tab(ctx, header, tabs, gen_tabs, gal, models, tab_blocks) -> Non
     for t in gen_tabs.values():
         targets += [c for c in t.reuse_targets() if c not in targets]
 
-    def reuse(fields, image_path=None):
+    def reuse(fields, inputs=None):
+        """Fill the tab an image came from. ``fields`` are cleaned by the schema (a dropped PNG's
+        metadata is data); ``inputs`` are the stored init image / mask, found by the gallery id
+        after the owner check — never by anything a PNG says."""
+        fields = request_fields(fields or {})
         if not fields:
             raise gr.Error("Select an image (or drop a PNG with metadata) first.", print_exception=False)
         mode = fields.get("mode") if fields.get("mode") in gen_tabs else "txt2img"
         target = gen_tabs[mode]
-        if image_path:  # inpaint: the image and its stored mask go back into the editor
-            fields = {**fields, "_source_image": image_path}
-        out = target.apply_fields(fields)
+        out = target.apply_fields(fields, inputs or {})
         out[tabs] = gr.Tabs(selected=target.tab_id)
         more = "."
-        if mode == "img2img":
-            more = " (the init image is not stored: add one)."
-        elif mode == "inpaint":
-            more = (" with this image and its mask (the source image is not stored)."
-                    if out.get(gen_tabs["inpaint"].editor) is not None else " (add the image and mask).")
+        if mode in ("img2img", "inpaint") and not (inputs or {}).get("init_image"):
+            more = " (the init image is not stored with it: add one)."
         gr.Info(f"Parameters loaded into {target.tab_id}{more}")
         return out
 
     def reuse_selected(fields, image_id, request: gr.Request):
-        path = None
-        if fields and fields.get("mode") == "inpaint" and image_id:
-            path = str(tab_gallery.get_image(studio, request, image_id).path)
-        return reuse(fields, path)
+        inputs = call(studio.image_inputs, image_id, studio.owner_for(request)) if image_id else {}
+        return reuse(fields, inputs)
 
     gal.reuse_btn.click(reuse_selected, [gal.selected_fields, gal.selected_id], [*targets, tabs], queue=False,
                         **private)

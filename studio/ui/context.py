@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass, field
 
-from ..catalog import DEFAULT_VARIANT, TURBO_VARIANT, VARIANTS, Variant
+from studio.catalog import DEFAULT_VARIANT, TURBO_VARIANT, VARIANTS, Variant
 from .jobs import Jobs
 
 
@@ -33,7 +33,7 @@ class UIContext:
         return VARIANTS[DEFAULT_VARIANT]
 
     def current(self):
-        return self.studio.models.current
+        return self.studio.current
 
     def native_size(self):
         """The loaded model's native (width, height), or None before a model is loaded."""
@@ -56,7 +56,7 @@ class UIContext:
 
 def status_html(studio) -> str:
     """The header's model line. Everything interpolated is escaped."""
-    current = studio.models.current if "models" in studio.__dict__ else None
+    current = studio.current
     e = html.escape
     if current is None:
         ok, message = studio.availability(studio.config.variant)

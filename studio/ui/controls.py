@@ -3,22 +3,29 @@ tab composes groups instead of repeating them (and "reuse parameters" finds a fi
 through ``fields``).
 
 Nothing here validates: values go to the engine as they are, and the engine says what is wrong.
+Every slider's range, step and default come from the limits table (``studio.engine.limits``), so
+the UI offers exactly what the engine accepts.
 """
 
 from __future__ import annotations
 
 import gradio as gr
 
-from ..catalog import ASPECT_PRESETS, MAX_T5_TOKENS
+from studio.catalog import ASPECT_PRESETS
+from studio.engine.limits import LIMITS
 
 NATIVE = "Native (model size)"
 MATCH_INIT = "Match init image"
 CUSTOM = "Custom"
 
-# Slider ranges only (the engine owns the limits and says when a value is out of range).
-MAX_STEPS_UI = 150
-MAX_BATCH_COUNT_UI = 16
-MAX_BATCH_SIZE_UI = 8
+
+def slider(name: str, mode: str = "txt2img", value=None, **kwargs) -> gr.Slider:
+    """A slider for one input of the limits table (its range, step, label and default)."""
+    lim = LIMITS[name]
+    if value is None:
+        value = lim.default_for(mode)
+    kwargs.setdefault("label", lim.label)
+    return gr.Slider(lim.lo, lim.hi, value=value, step=lim.step, **kwargs)
 
 
 class PromptRow:
@@ -106,22 +113,18 @@ class SizeGroup:
 class SamplingGroup:
     """Steps and guidance (defaults: the variant's recommendation)."""
 
-    def __init__(self, prefix: str, steps: int, guidance: float, guidance_visible: bool = True,
-                 max_steps: int = MAX_STEPS_UI):
+    def __init__(self, prefix: str, steps: int, guidance: float, guidance_visible: bool = True):
         with gr.Row():
-            self.steps = gr.Slider(1, max_steps, value=steps, step=1, label="Steps",
-                                   elem_id=f"{prefix}-steps")
-            self.guidance = gr.Slider(0, 15, value=guidance, step=0.1, label="Guidance (CFG)",
-                                      visible=guidance_visible, elem_id=f"{prefix}-guidance")
+            self.steps = slider("steps", value=steps, elem_id=f"{prefix}-steps")
+            self.guidance = slider("guidance", value=guidance, label="Guidance (CFG)", visible=guidance_visible,
+                                   elem_id=f"{prefix}-guidance")
 
 
 class BatchGroup:
     def __init__(self, prefix: str):
         with gr.Row():
-            self.batch_count = gr.Slider(1, MAX_BATCH_COUNT_UI, value=1, step=1, label="Batch count",
-                                         elem_id=f"{prefix}-batch-count")
-            self.batch_size = gr.Slider(1, MAX_BATCH_SIZE_UI, value=1, step=1, label="Batch size",
-                                        elem_id=f"{prefix}-batch-size")
+            self.batch_count = slider("batch_count", elem_id=f"{prefix}-batch-count")
+            self.batch_size = slider("batch_size", elem_id=f"{prefix}-batch-size")
 
 
 class AdvancedGroup:
@@ -135,12 +138,8 @@ class AdvancedGroup:
                 elem_id=f"{prefix}-slg",
             )
             with gr.Row():
-                self.shift = gr.Slider(0.5, 10, value=3.0, step=0.1, label="Scheduler shift",
-                                       elem_id=f"{prefix}-shift")
-                self.max_sequence_length = gr.Slider(
-                    32, MAX_T5_TOKENS, value=256, step=1, label="Max sequence length (T5 tokens)",
-                    elem_id=f"{prefix}-msl",
-                )
+                self.shift = slider("shift", elem_id=f"{prefix}-shift")
+                self.max_sequence_length = slider("max_sequence_length", elem_id=f"{prefix}-msl")
         self.loras = LoraGroup(prefix)
 
 
@@ -158,8 +157,7 @@ class LoraGroup:
                 with gr.Row(equal_height=True, elem_classes=["lora-row"]):
                     name = gr.Dropdown([], value=None, label=f"LoRA {i + 1}", scale=3, allow_custom_value=True,
                                        elem_id=f"{prefix}-lora-{i}")
-                    weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="Weight", scale=2,
-                                       elem_id=f"{prefix}-lora-weight-{i}")
+                    weight = slider("lora_weight", label="Weight", scale=2, elem_id=f"{prefix}-lora-weight-{i}")
                 self.slots.append((name, weight))
             with gr.Row():
                 self.refresh = gr.Button("Refresh list", size="sm", elem_id=f"{prefix}-lora-refresh")

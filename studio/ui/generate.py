@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..catalog import VARIANTS
+from studio.catalog import VARIANTS
+from studio.engine.request import build_request
+from studio.metadata.loras import selection_from_fields
+
 from .controls import ResultPanel, SeedRow, progress_html
-from .jobs import as_gr_error, error, gpu_event, notify, user_errors
+from .jobs import as_gr_error, call, error, gpu_event, notify, user_errors
 
 
 def slg_offered(variant) -> bool:
@@ -35,8 +38,30 @@ class GenTab:
     def inputs(self) -> list:
         raise NotImplementedError
 
+    def fields(self, v: dict) -> dict:
+        """The request's fields from the tab's values (``build_request`` fills the rest)."""
+        f = {"prompt": v[self.prompt_row.prompt], "seed": v[self.seed_row.seed]}
+        if self.prompt_row.negative.visible:
+            f["negative_prompt"] = v[self.prompt_row.negative]
+        if self.size is not None:
+            f["width"], f["height"] = self.size.size(v[self.size.aspect], v[self.size.width], v[self.size.height])
+        if self.sampling is not None:
+            f["steps"] = v[self.sampling.steps]
+            if self.sampling.guidance.visible:
+                f["guidance"] = v[self.sampling.guidance]
+        if self.batch is not None:
+            f["batch_count"], f["batch_size"] = v[self.batch.batch_count], v[self.batch.batch_size]
+        if self.advanced is not None:
+            f["shift"], f["max_sequence_length"] = v[self.advanced.shift], v[self.advanced.max_sequence_length]
+        if self.lora_group() is not None:
+            f["loras"] = self.lora_group().selection(v)
+        if self.mode != "turbo":
+            f["variant"] = self.ctx.variant_for_request()
+        return f
+
     def request(self, values: dict):
-        raise NotImplementedError
+        """The GenerationRequest for the tab's values (the one builder: ``build_request``)."""
+        return build_request(self.fields(values), self.mode)
 
     def field_components(self) -> dict:
         """studio field name -> component (the reuse-parameters registry for this tab)."""
@@ -83,24 +108,19 @@ class GenTab:
         private = dict(api_visibility="private")
 
         def refresh():
-            choices = studio.models.loras.names()
+            choices = call(studio.lora_names)
             return [gr.update(choices=choices) for _ in names]
 
         g.accordion.expand(refresh, None, names, queue=False, **private)
         g.refresh.click(refresh, None, names, queue=False, **private)
 
         def upload(file, *current):
-            from ..lora import LoraError
-
-            if getattr(studio, "shared", False):
-                raise error("Uploading LoRAs is off on shared deployments: the owner puts LoRA files in "
-                            "the loras folder of the data dir.", "Not available")
             path = getattr(file, "name", file)
             try:
-                info = studio.models.loras.import_file(path, name=_upload_stem(path))
-            except (LoraError, OSError) as e:
+                info = studio.import_lora(path, name=_upload_stem(path))
+            except (*user_errors(), OSError) as e:
                 raise error(e, "Could not add the LoRA") from None
-            choices = studio.models.loras.names()
+            choices = call(studio.lora_names)
             values = list(current)
             if info.name not in values:
                 empty = next((i for i, v in enumerate(values) if not v), None)
@@ -113,8 +133,8 @@ class GenTab:
         g.upload.upload(upload, [g.upload, *names], [*names, g.status], concurrency_limit=None, **private)
 
         def unload():
-            n = studio.models.unload_loras() if "models" in studio.__dict__ else 0
-            return f"Unloaded {n} LoRA adapter(s); the model is back to its base weights."
+            n = call(studio.unload_loras)
+            return f"Unloaded {n} LoRA adapter(s) from memory; the model is back to its base weights."
 
         gpu_event(g.unload.click, unload, None, g.status, **private)
 
@@ -130,11 +150,7 @@ class GenTab:
         from .context import status_html
 
         r = self.result
-        req = self.request(values)
-        if self.lora_group() is not None:
-            from dataclasses import replace
-
-            req = replace(req, loras=self.lora_group().selection(values))
+        req = call(self.request, values)  # a bad upload is refused here, with the engine's message
         paths: list[str] = []
         yield {r.progress: progress_html(0, req.steps or 0, 0, max(1, int(req.batch_count or 1)), None, 0),
                r.preview: gr.update(visible=True, value=None), r.info: ""}
@@ -177,8 +193,9 @@ class GenTab:
 
     # -- reuse parameters / model changes --
 
-    def apply_fields(self, fields: dict) -> dict:
-        """Updates filling this tab from studio fields (gallery metadata or read PNG info)."""
+    def apply_fields(self, fields: dict, inputs: dict | None = None) -> dict:
+        """Updates filling this tab from cleaned studio fields (gallery metadata or read PNG info)
+        and the image's stored inputs (``init_image`` / ``mask_image`` paths, owner-checked)."""
         out = {}
         comps = self.field_components()
         for name, comp in comps.items():
@@ -203,12 +220,10 @@ class GenTab:
         if self.advanced is not None and self.advanced.slg.visible is not False and "slg" in fields:
             out[self.advanced.slg] = isinstance(fields.get("slg"), dict)
         if self.lora_group() is not None:  # JSON "loras", or <lora:name:weight> tags out of the prompt
-            from ..lora import selection_from_fields
-
             prompt, selection = selection_from_fields(fields)
             if fields.get("prompt") is not None:
                 out[self.prompt_row.prompt] = prompt
-            out.update(self.lora_group().updates_for(selection, self.ctx.studio.models.loras.names()))
+            out.update(self.lora_group().updates_for(selection, call(self.ctx.studio.lora_names)))
         return out
 
     def reuse_targets(self) -> list:

@@ -23,6 +23,10 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
+from studio.engine.preview import latents_to_preview
+from studio.engine.request import CancelToken
+from studio.errors import StudioError, ValidationError
+
 log = logging.getLogger(__name__)
 
 GPU = "gpu"
@@ -30,12 +34,8 @@ PREVIEW_EVERY_S = 0.5  # at most two previews a second
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions whose message is meant for the user (imported lazily: no torch at import)."""
-    from ..engine import GenerationError, ValidationError
-    from ..gallery import GalleryError
-    from ..models import ModelError
-
-    return ValidationError, GenerationError, ModelError, GalleryError
+    """The exceptions whose message is meant for the user (``studio.errors``; no torch)."""
+    return (StudioError,)
 
 
 def safe(text) -> str:
@@ -48,8 +48,6 @@ def error(message, title: str = "Error") -> gr.Error:
 
 
 def as_gr_error(e: BaseException) -> gr.Error:
-    from ..engine import ValidationError
-
     return error(e, "Check the settings" if isinstance(e, ValidationError) else "Could not finish")
 
 
@@ -63,7 +61,7 @@ def call(fn: Callable, *args, **kwargs):
         raise as_gr_error(e) from None
     except Exception as e:  # noqa: BLE001 — the UI must say something rather than hang
         log.exception("unexpected error in %s", getattr(fn, "__name__", fn))
-        raise error(f"Unexpected error: {type(e).__name__}: {e}") from None
+        raise error(f"Unexpected error ({type(e).__name__}); the details are in the studio's log.") from None
 
 
 def gpu_event(trigger, fn, inputs, outputs, **kwargs):
@@ -152,10 +150,7 @@ class Jobs:
         Ends with a "done" update; the studio's errors are raised as gr.Error. If the consumer
         goes away (browser closed, generator closed) the job is cancelled.
         """
-        from ..engine import CancelToken, latents_to_preview
-        from ..spaces_support import run_generate
-
-        engine = self.studio.engine
+        studio = self.studio
         owner = self.studio.owner_for(request)
         token = CancelToken()
         state = JobState(token)
@@ -179,8 +174,8 @@ class Jobs:
 
         def work():
             try:
-                result = run_generate(engine, req, on_progress=on_progress, cancel=token, owner=owner,
-                                      on_image=on_image)
+                result = studio.generate(req, on_progress=on_progress, cancel=token, owner=owner,
+                                         on_image=on_image)
                 q.put(Update("done", result=result))
             except BaseException as e:  # noqa: BLE001 — handed to the consumer
                 q.put(Update("error", error=e))
@@ -193,7 +188,7 @@ class Jobs:
         finished = False
         try:
             if progress is not None:
-                progress(0, desc="Loading model…" if self.studio.models.current is None else "Starting…")
+                progress(0, desc="Loading model…" if self.studio.current is None else "Starting…")
             while True:
                 try:
                     update = q.get(timeout=0.2)
@@ -215,7 +210,7 @@ class Jobs:
                     if isinstance(e, user_errors()):
                         raise as_gr_error(e) from None
                     log.error("generation failed", exc_info=e)
-                    raise error(f"Generation failed: {type(e).__name__}: {e}")
+                    raise error(f"Generation failed ({type(e).__name__}); the details are in the studio's log.")
                 else:
                     finished = True
                     yield update

@@ -8,73 +8,10 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..catalog import VARIANTS
-from .jobs import call, error
-
-PAGE_SIZE = 24
-MODES = ("txt2img", "img2img", "turbo")
-
-
-# --- the calls (shared by the UI and the API endpoints) ----------------------------------------
-
-
-def item_summary(item) -> dict:
-    """A gallery row as plain JSON (no paths: files come through /gallery_get)."""
-    return {
-        "id": item.id,
-        "created_at": item.created_at,
-        "prompt": item.prompt,
-        "negative_prompt": item.negative_prompt,
-        "variant": item.variant,
-        "mode": item.mode,
-        "seed": item.seed,
-        "width": item.width,
-        "height": item.height,
-        "starred": bool(item.starred),
-    }
-
-
-def list_images(studio, request, query="", variant="", mode="", starred_only=False, page=0,
-                page_size=PAGE_SIZE):
-    return call(
-        studio.gallery.list,
-        page=int(page or 0),
-        page_size=int(page_size or PAGE_SIZE),
-        query=query or None,
-        variant=variant or None,
-        mode=mode or None,
-        starred=True if starred_only else None,
-        owner=studio.owner_for(request),
-    )
-
-
-def get_image(studio, request, image_id):
-    item = call(studio.gallery.get, str(image_id or ""), owner=studio.owner_for(request))
-    if item is None:
-        raise error(f"No image with id {str(image_id)[:40]!r} in the gallery.")
-    return item
-
-
-def star_image(studio, request, image_id, starred: bool) -> bool:
-    ok = call(studio.gallery.star, str(image_id or ""), bool(starred), owner=studio.owner_for(request))
-    if not ok:
-        raise error(f"No image with id {str(image_id)[:40]!r} in the gallery.")
-    return bool(starred)
-
-
-def delete_image(studio, request, image_id) -> None:
-    ok = call(studio.gallery.delete, str(image_id or ""), owner=studio.owner_for(request))
-    if not ok:
-        raise error(f"No image with id {str(image_id)[:40]!r} in the gallery.")
-
-
-def read_info(path):
-    """PNG info of an uploaded file (never raises: problems come back in ``error``)."""
-    from ..pnginfo import read_png_info
-
-    if not path:
-        raise gr.Error("Drop a PNG file to read its metadata.", print_exception=False)
-    return read_png_info(path)
+from studio.catalog import VARIANTS
+from studio.engine.limits import MODES
+from studio.metadata import to_infotext
+from studio.ui.jobs import call
 
 
 def _caption(item) -> str:
@@ -159,9 +96,11 @@ class GalleryTab:
     # -- handlers --
 
     def _list(self, query, variant, mode, starred_only, page, request: gr.Request):
-        p = list_images(self.ctx.studio, request, query, variant, mode, starred_only, page)
+        studio = self.ctx.studio
+        owner = studio.owner_for(request)
+        p = call(studio.list_images, owner, query, variant, mode, starred_only, page)
         if page and not p.items and p.total:  # the page emptied (deletes): go to the last one
-            p = list_images(self.ctx.studio, request, query, variant, mode, starred_only, p.pages - 1)
+            p = call(studio.list_images, owner, query, variant, mode, starred_only, p.pages - 1)
         value = [(str(i.thumb_path if i.thumb_path and i.thumb_path.is_file() else i.path), _caption(i))
                  for i in p.items]
         label = f"Page {p.page + 1} of {p.pages} · {p.total} image{'s' if p.total != 1 else ''}"
@@ -181,9 +120,8 @@ class GalleryTab:
     def _detail(self, image_id, request: gr.Request):
         if not image_id:
             return self._empty_detail()
-        item = get_image(self.ctx.studio, request, image_id)
-        from ..pnginfo import to_infotext
-
+        studio = self.ctx.studio
+        item = call(studio.get_image, image_id, studio.owner_for(request))
         return {
             self.selected_id: item.id,
             self.selected_fields: dict(item.metadata or {}),
@@ -219,12 +157,15 @@ class GalleryTab:
         return self._detail(ids[index], request)
 
     def _toggle_star(self, image_id, request: gr.Request):
-        item = get_image(self.ctx.studio, request, image_id)
-        starred = star_image(self.ctx.studio, request, image_id, not item.starred)
+        studio = self.ctx.studio
+        owner = studio.owner_for(request)
+        item = call(studio.get_image, image_id, owner)
+        starred = call(studio.star_image, image_id, not item.starred, owner)
         return gr.update(value="★ Starred" if starred else "☆ Star")
 
     def _delete(self, image_id, request: gr.Request):
-        delete_image(self.ctx.studio, request, image_id)
+        studio = self.ctx.studio
+        call(studio.delete_image, image_id, studio.owner_for(request))
         gr.Info("Deleted.")
         return self._empty_detail()
 
@@ -232,7 +173,7 @@ class GalleryTab:
         if not path:
             return {self.png_source: "", self.png_text: "", self.png_json: None, self.png_fields: None,
                     self.png_reuse: gr.update(interactive=False)}
-        info = read_info(path)
+        info = call(self.ctx.studio.read_png_info, path)
         source = {"studio": "SD3.5 Studio", "a1111": "A1111 / Forge / SD.Next (infotext)",
                   "comfyui": "ComfyUI", "invokeai": "InvokeAI", "none": "No generation metadata found"}
         text = source.get(info.source, info.source)

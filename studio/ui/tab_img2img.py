@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..engine import GenerationRequest
-from .controls import MATCH_INIT, AdvancedGroup, BatchGroup, PromptRow, ResultPanel, SamplingGroup, SeedRow, SizeGroup
+from .components import ImagePath
+from .controls import MATCH_INIT, AdvancedGroup, BatchGroup, PromptRow, ResultPanel, SamplingGroup, SeedRow, SizeGroup, slider
 from .generate import GenTab
 
 
@@ -20,13 +20,13 @@ class Img2ImgTab(GenTab):
         self.prompt_row = PromptRow(p, placeholder="Describe what the result should show…")
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=320, elem_classes=["settings-col"]):
-                self.init_image = gr.Image(
-                    label="Init image", type="filepath", sources=["upload", "clipboard"], height=300,
+                self.init_image = ImagePath(
+                    label="Init image", sources=["upload", "clipboard"], height=300,
                     elem_id=f"{p}-init",
                     image_mode=None,  # pass the file as uploaded: the engine handles alpha, 16-bit, CMYK, EXIF
                 )
-                self.strength = gr.Slider(
-                    0, 1, value=0.6, step=0.01, label="Strength", elem_id=f"{p}-strength",
+                self.strength = slider(
+                    "strength", "img2img", elem_id=f"{p}-strength",
                     info="How much to repaint: 0.3–0.5 keeps the composition, 0.7–0.9 changes most of it.",
                 )
                 self.size = SizeGroup(p, native_label=MATCH_INIT)
@@ -48,25 +48,17 @@ class Img2ImgTab(GenTab):
         d["strength"] = self.strength
         return d
 
-    def request(self, v: dict) -> GenerationRequest:
-        width, height = self.size.size(v[self.size.aspect], v[self.size.width], v[self.size.height])
-        return GenerationRequest(
-            prompt=v[self.prompt_row.prompt],
-            negative_prompt=v[self.prompt_row.negative],
-            mode="img2img",
-            init_image=v[self.init_image],  # a path; the engine decodes it safely
-            strength=v[self.strength],
-            width=width,
-            height=height,
-            steps=v[self.sampling.steps],
-            guidance=v[self.sampling.guidance],
-            seed=v[self.seed_row.seed] if v[self.seed_row.seed] is not None else -1,
-            batch_count=v[self.batch.batch_count],
-            batch_size=v[self.batch.batch_size],
-            shift=v[self.advanced.shift],
-            max_sequence_length=v[self.advanced.max_sequence_length],
-            variant=self.ctx.variant_for_request(),
-        )
+    def fields(self, v: dict) -> dict:
+        return {**super().fields(v), "init_image": v[self.init_image], "strength": v[self.strength]}
+
+    def apply_fields(self, fields: dict, inputs: dict | None = None) -> dict:
+        out = super().apply_fields(fields, inputs)
+        if (inputs or {}).get("init_image"):
+            out[self.init_image] = inputs["init_image"]  # the stored init image, by the gallery id
+        return out
+
+    def reuse_targets(self) -> list:
+        return [*super().reuse_targets(), self.init_image]
 
 
 def create_ui(ctx) -> Img2ImgTab:

@@ -13,8 +13,8 @@ import logging
 
 import gradio as gr
 
-from ..catalog import DEFAULT_VARIANT, VARIANTS
-from .jobs import call, gpu_event
+from studio.catalog import DEFAULT_VARIANT, VARIANTS
+from .jobs import call
 
 log = logging.getLogger(__name__)
 e = html.escape
@@ -34,7 +34,7 @@ def _gb(n) -> str:
 
 def detect():
     try:
-        from ..hardware import detect_hardware
+        from studio.hardware import detect_hardware
 
         return detect_hardware()
     except Exception as ex:  # noqa: BLE001 — the tab must still render
@@ -61,7 +61,7 @@ def hardware_html(hw) -> str:
 def preset_choices() -> list[tuple[str, str]]:
     choices = [("auto — the planner picks", "auto")]
     try:
-        from ..memory import presets_by_rank
+        from studio.memory import presets_by_rank
 
         choices += [(f"{p.label} ({p.name})", p.name) for p in presets_by_rank()]
     except Exception as ex:  # noqa: BLE001
@@ -79,7 +79,7 @@ def plan_html(hw, variant: str, preset: str, width: int = 1024, height: int = 10
     if hw is None:
         return "<div class='sd-card sd-muted'>No plan without hardware information.</div>"
     try:
-        from .. import memory
+        from studio import memory
 
         if preset in (None, "", "auto"):
             plan = memory.choose(hw, variant, width, height)
@@ -88,7 +88,7 @@ def plan_html(hw, variant: str, preset: str, width: int = 1024, height: int = 10
         else:
             p = memory.get_preset(preset)
             est = memory.estimate(variant, p, width, height, hardware=hw)
-            budget = memory._budget(p, hw)
+            budget = memory.budget_bytes(p, hw)
             reason = p.check(hw) or memory.fits(est, p, hw)
             ok, text = reason is None, p.description
     except Exception as ex:  # noqa: BLE001
@@ -132,7 +132,7 @@ def plan_html(hw, variant: str, preset: str, width: int = 1024, height: int = 10
 
 def memory_html() -> str:
     try:
-        from ..hardware import memory_snapshot
+        from studio.hardware import memory_snapshot
 
         snap = memory_snapshot()
     except Exception as ex:  # noqa: BLE001
@@ -209,7 +209,7 @@ def load_model(studio, variant, source, preset, progress=None) -> str:
             progress(fraction if fraction is not None else 0, desc=str(message))
 
     loaded = call(studio.load_model, source=(source or "").strip() or None, variant=variant or None,
-                  preset=preset or "auto", progress=report)
+                  preset=preset or None, progress=report)
     return (f"Loaded {loaded.label} from {loaded.source.ref} · preset {loaded.placement.name} on "
             f"{loaded.placement.device} · native {loaded.native_size[0]}×{loaded.native_size[1]}")
 
@@ -220,7 +220,7 @@ class ModelsTab:
     def __init__(self, ctx):
         self.ctx = ctx
         studio = ctx.studio
-        current = studio.models.current if "models" in studio.__dict__ else None
+        current = studio.current
         variant = (current.variant.name if current else None) or studio.config.variant or DEFAULT_VARIANT
         self._hw = None  # detected when the tab first opens (the planner imports torch)
         self._variant0 = variant

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..engine import GenerationRequest
 from .controls import AdvancedGroup, BatchGroup, PromptRow, ResultPanel, SamplingGroup, SeedRow, SizeGroup
 from .generate import GenTab, slg_offered
 
@@ -35,24 +34,9 @@ class Txt2ImgTab(GenTab):
                 self.batch.batch_count, self.batch.batch_size, self.advanced.slg, self.advanced.shift,
                 self.advanced.max_sequence_length]
 
-    def request(self, v: dict) -> GenerationRequest:
-        width, height = self.size.size(v[self.size.aspect], v[self.size.width], v[self.size.height])
-        return GenerationRequest(
-            prompt=v[self.prompt_row.prompt],
-            negative_prompt=v[self.prompt_row.negative],
-            mode="txt2img",
-            width=width,
-            height=height,
-            steps=v[self.sampling.steps],
-            guidance=v[self.sampling.guidance],
-            seed=v[self.seed_row.seed] if v[self.seed_row.seed] is not None else -1,
-            batch_count=v[self.batch.batch_count],
-            batch_size=v[self.batch.batch_size],
-            slg=bool(v[self.advanced.slg]) if slg_offered(self.ctx.variant()) else None,
-            shift=v[self.advanced.shift],
-            max_sequence_length=v[self.advanced.max_sequence_length],
-            variant=self.ctx.variant_for_request(),
-        )
+    def fields(self, v: dict) -> dict:
+        return {**super().fields(v),
+                "slg": bool(v[self.advanced.slg]) if slg_offered(self.ctx.variant()) else None}
 
 
 def create_ui(ctx) -> Txt2ImgTab:

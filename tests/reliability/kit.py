@@ -33,8 +33,8 @@ def launched_with_queue(data_dir, tiny_family, max_size: int):
     """The app as ``running_studio`` launches it, but with a small queue (``max_size``) so a
     burst of requests overflows it. Yields (url, studio, demo)."""
     from studio.config import StudioConfig
-    from studio.server import launch_kwargs
-    from studio.services import Studio
+    from studio.app.server import launch_kwargs
+    from studio.service import Studio
     from studio.ui.app import build_app, launch_options
     from tests.conftest_ui import free_port
 

@@ -7,7 +7,6 @@ the API cannot carry the input, through the engine or raw HTTP."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import numpy as np
@@ -64,7 +63,7 @@ def test_empty_prompts_run_with_a_note_through_the_api(app, prompt):
 
 @pytest.mark.parametrize("prompt", ["", "   "], ids=["empty", "whitespace"])
 def test_empty_prompts_run_with_the_same_note_from_the_cli(demo_config, capsys, prompt):
-    from studio.cli import main
+    from studio.app.cli import main
 
     code = main(["generate", prompt, "--demo", "--steps", "1", "--width", "256", "--height", "256",
                  "--seed", "3", "--data-dir", str(demo_config.data_dir), "--json"])
@@ -102,16 +101,16 @@ BAD_NUMBERS = [
     (dict(steps=10_000), "Steps is 10000; it must be between 1 and 150"),
     (dict(guidance=-1), "Guidance (CFG scale) is -1"),
     (dict(guidance=1e308), "Guidance (CFG scale) is 1e+308"),
-    (dict(seed=2**32), "Seed is 4294967296; it must be between -1 and 4294967295"),
-    (dict(seed=-2), "Seed is -2; it must be between -1 and 4294967295"),
-    (dict(seed=10**400), "Seed is far out of range: it must be between -1 and 4294967295"),
+    (dict(seed=2**64), "Seed is 18,446,744,073,709,551,616; it must be between -1 and 18,446,744,073,709,551,615"),
+    (dict(seed=-2), "Seed is -2; it must be between -1 and 18,446,744,073,709,551,615"),
+    (dict(seed=10**400), "Seed is far out of range; it must be between -1 and 18,446,744,073,709,551,615"),
     (dict(batch_count=0), "Batch count is 0; it must be between 1 and 100"),
     (dict(batch_count=1000), "Batch count is 1000; it must be between 1 and 100"),
     (dict(batch_size=0), "Batch size is 0; it must be between 1 and 8"),
     (dict(batch_size=1000), "Batch size is 1000; it must be between 1 and 8"),
     (dict(batch_count=20, batch_size=8), "= 160 images; the limit is 100 per request"),
     (dict(max_sequence_length=0), "Max sequence length (T5 tokens) is 0"),
-    (dict(shift=0), "Shift is 0"),
+    (dict(shift=0), "Scheduler shift is 0; it must be between 0.1 and 20"),
 ]
 
 
@@ -160,7 +159,7 @@ def test_non_finite_guidance_is_refused(app, value):
     # a hand-written body reaches the engine, which names the field and the range
     stream = _raw_call(app.client, app.url, "/txt2img",
                        {"prompt": '"x"', "guidance": value, "steps": "1", "width": "256", "height": "256"})
-    assert "event: error" in stream and "Guidance (CFG scale) must be a finite number between 0.0 and 30.0" in stream
+    assert "event: error" in stream and "Guidance (CFG scale) must be a finite number between 0 and 30" in stream
     # and the engine refuses it for every caller (CLI: --guidance nan parses as a float)
     for field in ("guidance", "width", "steps", "seed", "shift"):
         with pytest.raises(ValidationError) as e:
@@ -182,7 +181,7 @@ def init_png(tmp_path_factory):
 
 @pytest.mark.parametrize("strength, steps, message", [
     (0, 4, "Strength 0 would return the init image unchanged"),
-    (1.5, 4, "Strength is 1.5; it must be between 0.0 and 1.0"),
+    (1.5, 4, "Strength is 1.5; it must be between 0 and 1"),
     (-0.2, 4, "Strength is -0.2"),
     (0.1, 4, "4 × 0.1 = 0.40, less than one step. Raise the strength to at least 0.25 or the steps to at least 10"),
 ])
@@ -209,10 +208,10 @@ def broken(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name, message", [
-    ("corrupt.png", "could not be read"),
-    ("not-an-image.png", "could not be read"),
-    ("truncated.png", "image file is truncated"),
-    ("zero.png", "could not be read"),
+    ("corrupt.png", "The init image (corrupt.png) is not an image the studio can read"),
+    ("not-an-image.png", "The init image (not-an-image.png) is not an image the studio can read"),
+    ("truncated.png", "The init image (truncated.png) is damaged and could not be decoded"),
+    ("zero.png", "The init image (zero.png) is not an image the studio can read"),
     ("bomb.png", "too large to decode safely"),
 ])
 def test_broken_init_images_are_refused_with_a_message(app, broken, name, message):
@@ -220,6 +219,7 @@ def test_broken_init_images_are_refused_with_a_message(app, broken, name, messag
         app.client.predict(init_image=gradio_client.handle_file(str(broken[name])), prompt="x", steps=4,
                            api_name="/img2img")
     assert message in str(e.value)
+    assert "/tmp" not in str(e.value) and "gradio" not in str(e.value), "no server path in the message"
     # the same file through the engine: the same refusal, naming the field
     with pytest.raises(ValidationError) as e:
         normalize_init_image(str(broken[name]))
@@ -252,14 +252,14 @@ def test_a_decompression_bomb_is_refused_before_decoding(app, broken, tmp_path):
 
 
 def _expected_init_sha(app, path) -> str:
-    """What the engine must have fed the pipeline for this file: its own normalisation of the
-    original file, resized to the resolved size (the API may not pre-decode or convert it)."""
+    """What the engine must have stored for this file: its own normalisation of the original
+    file (the API may not pre-decode or convert it), by content."""
+    from studio.blobs import image_sha256
+
     loaded = app.studio.models.current
     r = validate(GenerationRequest("x", mode="img2img", init_image=str(path), steps=4), loaded.variant,
                  loaded.max_side, loaded.native_size)
-    init = r.init_image if r.init_image.size == (r.width, r.height) else r.init_image.resize((r.width, r.height),
-                                                                                             resample=3)
-    return hashlib.sha256(init.tobytes()).hexdigest()
+    return image_sha256(r.init_image)
 
 
 @pytest.fixture(scope="module")

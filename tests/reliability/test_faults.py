@@ -20,7 +20,7 @@ from PIL import Image
 
 from gradio_client.exceptions import AppError
 
-from studio import pnginfo
+from studio.metadata import png as pnginfo
 from studio.engine import CancelToken, Engine, GenerationError, GenerationRequest
 from studio.gallery import Gallery
 from studio.models import ModelError, ModelManager
@@ -74,7 +74,7 @@ def _oom_forward(refs: list):
 
 
 def test_out_of_memory_frees_the_failed_step_and_keeps_the_model(demo_config, monkeypatch):
-    import studio.engine as engine_module
+    import studio.engine.run as engine_module
 
     engine = Engine(ModelManager(demo_config))
     before = engine.generate(req(seed=11))

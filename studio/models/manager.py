@@ -7,51 +7,34 @@ component an *identity* derived from its content (hashes of its files). Two vari
 components have the same identity share one object: switching SD3.5 Large → Large Turbo reloads
 only the transformer. Recently used components stay in a RAM cache so switching back is cheap.
 
-Sources:
-- a Hub repo id (``stabilityai/stable-diffusion-3.5-medium``): downloaded with huggingface_hub
-  into its cache (only the diffusers layout; no pickles), then loaded as a folder;
-- a local diffusers folder (``model_index.json`` + subfolders);
-- a single ``.safetensors`` transformer file of the official release (see ``singlefile.py``).
-Pickled checkpoints (.ckpt/.bin/.pt/.pth) are refused: loading them can run arbitrary code.
+Where weights come from is ``sources.py`` (Hub ids, folders, single files; pickles refused),
+how they are identified ``identity.py``, how they are placed ``placement.py`` — the preset itself
+is chosen by the service, once, for every load path.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import logging
-import os
-import re
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from .catalog import VARIANTS, Variant, get_variant, variant_for_transformer_config
-from .config import StudioConfig
+from studio.catalog import VARIANTS, Variant, get_variant, variant_for_transformer_config
+from studio.config import StudioConfig
+from studio.demo.tiny import build_tiny_family, tiny_variant_of
+from studio.errors import ModelError
+from studio.logs import quiet_libraries
+from studio.models.identity import HashCache
+from studio.models.lora import LoraLibrary
+from studio.models.placement import Placement, default_placement
+from studio.models.sources import PICKLE_SUFFIXES, ModelSource, ProgressFn, download, short_error, missing_weights_message, parse_source
 
 log = logging.getLogger(__name__)
 
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-# What a diffusers SD3 repo holds that we need; everything else (single-file releases,
-# pickles, sample images) is not downloaded.
-HUB_ALLOW = [
-    "model_index.json",
-    "scheduler/*",
-    "tokenizer/*",
-    "tokenizer_2/*",
-    "tokenizer_3/*",
-    "text_encoder/*",
-    "text_encoder_2/*",
-    "text_encoder_3/*",
-    "transformer/*",
-    "vae/*",
-]
-HUB_IGNORE = ["*.bin", "*.ckpt", "*.pt", "*.pth", "*.msgpack", "*.onnx*", "*.h5"]
 SD3_COMPONENTS = (
     "transformer",
     "vae",
@@ -64,166 +47,20 @@ SD3_COMPONENTS = (
     "scheduler",
 )
 
-ProgressFn = Callable[[str, float | None], None]  # (message, fraction 0..1 or None)
-
-
-class ModelError(Exception):
-    """A model could not be found or loaded. The message says what to do."""
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    kind: str  # "hub" | "folder" | "file"
-    ref: str  # repo id, or an absolute path
-
-    def __str__(self) -> str:
-        return self.ref
-
-
-def parse_source(spec: str) -> ModelSource:
-    """Decide what kind of source ``spec`` names, refusing what cannot be loaded safely."""
-    spec = (spec or "").strip()
-    if not spec:
-        raise ModelError("No model given. Pass a Hub id, a diffusers folder or a .safetensors file.")
-    if spec in VARIANTS:
-        return ModelSource("hub", VARIANTS[spec].repo_id)
-    path = Path(spec).expanduser()
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise ModelError(
-            f"{path.name} is a pickled checkpoint ({path.suffix}); the studio does not load those "
-            "because unpickling can run arbitrary code. Use a .safetensors file or a diffusers "
-            "folder instead."
-        )
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise ModelError(
-                f"{path} is a folder but not a diffusers pipeline (no model_index.json). Point "
-                "--model at the folder that holds model_index.json, or at a .safetensors file."
-            )
-        return ModelSource("folder", str(path.resolve()))
-    if path.suffix.lower() == ".safetensors":
-        if not path.is_file():
-            raise ModelError(f"No such file: {path}. Check the path to the .safetensors file.")
-        return ModelSource("file", str(path.resolve()))
-    if path.is_file():
-        raise ModelError(
-            f"{path.name}: unsupported model file. The studio loads .safetensors files and "
-            "diffusers folders."
-        )
-    if not spec.startswith((".", "/", "~")) and HUB_ID.match(spec):
-        return ModelSource("hub", spec)
-    raise ModelError(
-        f"No such folder or file: {spec}. Give a diffusers folder (with model_index.json), a "
-        ".safetensors file, a Hub id such as stabilityai/stable-diffusion-3.5-medium, or a "
-        f"variant name ({', '.join(VARIANTS)})."
-    )
-
-
-# --- content identity -------------------------------------------------------------------------
-
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
-
-class HashCache:
-    """sha256 of files, cached by (path, size, mtime) in a JSON file under the data dir.
-
-    Files in the Hugging Face cache are symlinks to blobs named by their sha256, which is used
-    directly: identifying a 9 GB T5 costs nothing.
-    """
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        self._lock = threading.Lock()
-        self._data: dict[str, list] = {}
-        if path and path.is_file():
-            try:
-                self._data = json.loads(path.read_text())
-            except (OSError, ValueError):
-                self._data = {}
-        self.hashed_bytes = 0  # bytes actually read to hash (for tests and the bench)
-
-    def file_hash(self, file: Path) -> str:
-        real = file.resolve()
-        if file.is_symlink() and _HEX64.match(real.name):
-            return real.name
-        st = real.stat()
-        key = str(real)
-        with self._lock:
-            hit = self._data.get(key)
-            if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
-                return hit[2]
-        h = hashlib.sha256()
-        with open(real, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        self.hashed_bytes += st.st_size
-        digest = h.hexdigest()
-        with self._lock:
-            self._data[key] = [st.st_size, st.st_mtime_ns, digest]
-            if self.path:
-                try:
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = self.path.with_suffix(".tmp")
-                    tmp.write_text(json.dumps(self._data))
-                    os.replace(tmp, self.path)
-                except OSError:
-                    pass  # a read-only data dir only costs re-hashing next time
-        return digest
-
-    def folder_identity(self, folder: Path, extra: str = "") -> str:
-        h = hashlib.sha256(extra.encode())
-        for f in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-            h.update(f.relative_to(folder).as_posix().encode())
-            h.update(self.file_hash(f).encode())
-        return h.hexdigest()[:32]
-
-
-# --- loaded state -----------------------------------------------------------------------------
-
-
-@dataclass
-class Placement:
-    """How components are loaded and placed. The memory presets produce these."""
-
-    name: str = "auto"
-    device: str = "cpu"
-    dtype: object = None  # torch dtype
-    component_kwargs: dict = field(default_factory=dict)  # extra from_pretrained kwargs per component
-    skip: tuple[str, ...] = ()  # components left out (e.g. text_encoder_3 for no-T5)
-    apply: Callable | None = None  # post-load step (offload hooks, layerwise casting)
-    pipeline_kwargs: dict | None = None  # load the whole pipeline at once (multi-GPU device_map)
-    resident: bool = True  # every component stays on ``device`` (no offload hooks)
-
-    def key(self, component: str) -> str:
-        """What, beyond the files, makes a loaded component what it is (dtype, quantization)."""
-        extra = json.dumps(self.component_kwargs.get(component, {}), sort_keys=True,
-                           default=lambda o: o.to_dict() if hasattr(o, "to_dict") else repr(o))
-        digest = hashlib.sha256(extra.encode()).hexdigest()[:12]
-        return f"{self.name}:{self.device}:{str(self.dtype).replace('torch.', '')}:{digest}"
-
-
-def default_placement(device: str | None = None) -> Placement:
-    import torch
-
-    if device is None:
-        if torch.cuda.is_available():
-            device = "cuda"
-        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            device = "mps"
-        else:
-            device = "cpu"
-    dtype = {"cuda": torch.bfloat16, "mps": torch.float16}.get(device, torch.float32)
-    return Placement(name="full" if device != "cpu" else "cpu-fp32", device=device, dtype=dtype)
 
 
 @dataclass
 class LoadedModel:
+    """The model the manager holds: the pipeline, what it is, where it came from, how it is
+    placed, the identity of each component and which components this load read from disk."""
+
     pipe: object  # StableDiffusion3Pipeline
     variant: Variant
     source: ModelSource
     placement: Placement
     identities: dict[str, str]
     is_tiny: bool = False
+    fresh: tuple[str, ...] = ()  # components read from disk by this load (the rest were shared)
 
     @property
     def label(self) -> str:
@@ -248,9 +85,13 @@ class ModelManager:
     """Loads, shares and swaps SD3 pipelines. Thread-safe: use ``with manager.use(...)``."""
 
     def __init__(self, config: StudioConfig, placement: Placement | None = None, cache_bytes: int | None = None,
-                 progress: ProgressFn | None = None):
+                 progress: ProgressFn | None = None, placement_policy=None):
         self.config = config
-        self.placement = placement
+        self.placement = placement  # a fixed placement for every load (tests, the bench)
+        # variant name -> Placement: how a load without an explicit placement is placed. The
+        # service passes its one decision (Studio.placement_for) so lazy loads, swaps and Turbo
+        # all honour the chosen preset.
+        self.placement_policy = placement_policy
         self.progress = progress  # default load/download progress reporter (the CLI prints it)
         self.lock = threading.RLock()
         self.current: LoadedModel | None = None
@@ -261,9 +102,6 @@ class ModelManager:
         self._sizes: dict[str, int] = {}  # identity -> bytes, measured once
         self._img2img = None
         self._inpaint = None
-        self.loads: list[tuple[str, str]] = []  # (component, identity) actually read from disk
-        from .lora import LoraLibrary
-
         self.loras = LoraLibrary(config.loras_dir, self.hashes)
 
     # -- where a variant comes from --
@@ -272,8 +110,6 @@ class ModelManager:
         """The source the studio uses for a variant: demo family, --model, or the Hub repo."""
         variant = variant or self.config.variant
         if self.config.demo:
-            from .tiny import build_tiny_family
-
             name = variant or "sd3.5-medium"
             folders = build_tiny_family(self.config.tiny_dir, variants=[name])
             return ModelSource("folder", str(folders[name]))
@@ -319,18 +155,22 @@ class ModelManager:
 
         On failure the previous model stays loaded and usable.
         """
+        quiet_libraries()
         import diffusers  # noqa: F401 — imported here, not at start-up
         import transformers  # noqa: F401
 
-        from .cli import quiet_libraries
-
         quiet_libraries()
         src = parse_source(spec) if spec else self.source_for(variant)
-        placement = placement or self.placement or default_placement(self.config.device)
+        if placement is None:
+            placement = self.placement
+        if placement is None and self.placement_policy is not None:
+            placement = self.placement_policy(variant)
+        if placement is None:
+            placement = default_placement(self.config.device)
         progress = progress or self.progress
         with self.lock:
             if src.kind == "file":
-                from .singlefile import resolve_single_file
+                from studio.models.singlefile import resolve_single_file
 
                 folder, file_overrides = resolve_single_file(
                     Path(src.ref), self.config, hashes=self.hashes, progress=progress
@@ -352,8 +192,6 @@ class ModelManager:
     def _load_folder(self, folder, src, variant, placement, progress, file_overrides) -> LoadedModel:
         from diffusers import StableDiffusion3Pipeline
 
-        from .tiny import tiny_variant_of
-
         try:
             index = json.loads((folder / "model_index.json").read_text())
         except (OSError, ValueError) as e:
@@ -371,7 +209,7 @@ class ModelManager:
             return self._load_whole(folder, src, variant, placement, progress)
         components: dict[str, object] = {}
         identities: dict[str, str] = {}
-        loads_before = len(self.loads)
+        fresh: list[str] = []
         names = [n for n in SD3_COMPONENTS if n in index]
         for i, name in enumerate(names):
             lib_cls = index.get(name)
@@ -390,7 +228,7 @@ class ModelManager:
             if progress:
                 progress(f"Loading {name}", i / len(names))
             obj = override.load(placement) if override else self._load_component(folder, name, lib_cls, placement)
-            self.loads.append((name, ident))
+            fresh.append(name)
             components[name] = obj
             self._components[ident] = obj
         if progress:
@@ -400,30 +238,29 @@ class ModelManager:
         except Exception as e:  # wrong component types in a foreign folder
             raise ModelError(f"{src} does not assemble into an SD3 pipeline: {e}") from e
         pipe.set_progress_bar_config(disable=True)
-        self._place(pipe, placement, [n for n, _ in self.loads[loads_before:]])
+        self._place(pipe, placement, fresh)
         tiny = tiny_variant_of(folder)
         var = _infer_variant(variant, tiny, src, pipe.transformer.config)
         if progress:
             progress("Ready", 1.0)
-        return LoadedModel(pipe, var, src, placement, identities, is_tiny=tiny is not None)
+        return LoadedModel(pipe, var, src, placement, identities, is_tiny=tiny is not None, fresh=tuple(fresh))
 
     def _load_whole(self, folder, src, variant, placement, progress) -> LoadedModel:
         """Multi-GPU: diffusers spreads the components itself (device_map="balanced"). Nothing
         is shared with other variants in this mode. CUDA only."""
         from diffusers import StableDiffusion3Pipeline
 
-        from .tiny import tiny_variant_of
-
         if progress:
             progress("Loading the pipeline across GPUs", 0.1)
         try:
             pipe = StableDiffusion3Pipeline.from_pretrained(folder, use_safetensors=True, **placement.pipeline_kwargs)
         except Exception as e:
-            raise ModelError(f"Could not load {src} across GPUs: {_short(e)}") from e
+            raise ModelError(f"Could not load {src} across GPUs: {short_error(e)}") from e
         pipe.set_progress_bar_config(disable=True)
         tiny = tiny_variant_of(folder)
         var = _infer_variant(variant, tiny, src, pipe.transformer.config)
-        return LoadedModel(pipe, var, src, placement, {}, is_tiny=tiny is not None)
+        return LoadedModel(pipe, var, src, placement, {}, is_tiny=tiny is not None,
+                           fresh=tuple(n for n in SD3_COMPONENTS if getattr(pipe, n, None) is not None))
 
     def _load_component(self, folder: Path, name: str, lib_cls, placement: Placement):
         library, cls_name = lib_cls
@@ -451,7 +288,7 @@ class ModelManager:
             if "GPU is needed for quantization" in str(e):
                 hint = (" — bitsandbytes quantization of the transformer needs a CUDA GPU (diffusers "
                         "refuses it on CPU). Pick a CPU preset such as cpu-bf16 or cpu-fp32.")
-            raise ModelError(f"Could not load {name} from {sub}: {_short(e)}{hint}") from e
+            raise ModelError(f"Could not load {name} from {sub}: {short_error(e)}{hint}") from e
 
     def _place(self, pipe, placement: Placement, fresh: list[str]) -> None:
         """Put the pipeline where the placement says. A resident placement moves only the
@@ -553,14 +390,19 @@ class ModelManager:
                 if info.adapter_name in loaded_names:
                     continue
                 try:
-                    pipe.load_lora_weights(str(info.path), adapter_name=info.adapter_name)
+                    if getattr(info, "format", "diffusers") == "kohya":  # kohya / ComfyUI keys: converted
+                        from studio.models.kohya import load_for_pipeline
+
+                        pipe.load_lora_weights(load_for_pipeline(info.path, pipe), adapter_name=info.adapter_name)
+                    else:
+                        pipe.load_lora_weights(str(info.path), adapter_name=info.adapter_name)
                 except Exception as e:  # shape mismatch: a LoRA for another model
                     try:
                         pipe.delete_adapters([info.adapter_name])
                     except Exception:  # noqa: BLE001 — nothing was loaded
                         pass
                     raise ModelError(
-                        f"LoRA {info.name!r} does not fit {loaded.label}: {_short(e)}. LoRAs are made "
+                        f"LoRA {info.name!r} does not fit {loaded.label}: {short_error(e)}. LoRAs are made "
                         "for one model (SD3 Medium, SD3.5 Medium or SD3.5 Large); pick a matching one."
                     ) from e
                 if info.adapter_name not in _adapters_of(pipe):
@@ -666,139 +508,3 @@ def free_memory() -> None:
         pass
 
 
-def _short(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
-
-
-# --- the Hub ----------------------------------------------------------------------------------
-
-
-def missing_weights_message(repo_id: str) -> str:
-    return (
-        f"The weights of {repo_id} are not on this machine. To get them: accept the licence at "
-        f"https://huggingface.co/{repo_id} (the repo is gated), log in with `hf auth login` or "
-        "set HF_TOKEN, then load the model again with network access. Or point --model at a local "
-        "diffusers folder or .safetensors file — or try the offline demo with --demo."
-    )
-
-
-def download(repo_id: str, progress: ProgressFn | None = None) -> Path:
-    """Download the diffusers layout of a Hub repo (or find it in the cache); errors teach."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
-
-    if progress:
-        progress(f"Fetching {repo_id}", 0.0)
-    tqdm_class = None
-    if progress:
-        from tqdm.auto import tqdm as _tqdm
-
-        class _Reporter(_tqdm):  # huggingface_hub's download bars, forwarded to the caller
-            def update(self, n=1):
-                out = super().update(n)
-                self._studio_done = getattr(self, "_studio_done", 0) + (n or 0)  # counted even when disabled
-                if self.total:
-                    done = self._studio_done
-                    progress(f"Downloading {repo_id}: {done / 2**30:.2f} of {self.total / 2**30:.2f} GB",
-                             min(done / self.total, 1.0) * 0.5)
-                return out
-
-        tqdm_class = _Reporter
-    try:
-        path = snapshot_download(repo_id, allow_patterns=HUB_ALLOW, ignore_patterns=HUB_IGNORE,
-                                 tqdm_class=tqdm_class)
-    except GatedRepoError as e:
-        raise ModelError(
-            f"{repo_id} is gated: accept its licence at https://huggingface.co/{repo_id} while "
-            "logged in, then log in here (`hf auth login`, HF_TOKEN, or the token field in "
-            "Models & Memory) and try again."
-        ) from e
-    except RepositoryNotFoundError as e:
-        raise ModelError(
-            f"No repo {repo_id} on the Hugging Face Hub (or it is private and you are not logged "
-            "in). Check the id, e.g. stabilityai/stable-diffusion-3.5-medium."
-        ) from e
-    except LocalEntryNotFoundError as e:
-        raise ModelError(missing_weights_message(repo_id) + " (The Hub could not be reached.)") from e
-    except HfHubHTTPError as e:
-        raise ModelError(f"Downloading {repo_id} failed: {_short(e)}. Try again later.") from e
-    except OSError as e:
-        raise ModelError(f"Downloading {repo_id} failed: {_short(e)}.") from e
-    if progress:
-        progress(f"{repo_id} is on disk", 0.5)
-    return Path(path)
-
-
-def placement_from_preset(preset, device: str, hardware=None, validate_on_cpu: bool = False) -> Placement:
-    """Turn a memory preset (studio.memory) into per-component loading and a post-load step.
-
-    ``validate_on_cpu``: run a CUDA preset's loading on the CPU as far as the libraries allow —
-    8-bit / NF4 T5 (transformers + bitsandbytes) and fp8 layerwise casting run; an NF4
-    transformer stops at diffusers' refusal, reported as a ModelError. Used by the tests to hold
-    the planner's byte estimates against what loading really allocates.
-    """
-    from .memory import apply_fp8_storage
-
-    if validate_on_cpu:
-        kwargs = preset.load_kwargs("cuda")
-        kwargs.pop("device_map", None)
-        device = "cpu"
-
-        def apply(pipe):
-            if preset.transformer == "fp8":
-                apply_fp8_storage(pipe.transformer, preset.dtype)
-            return pipe
-    else:
-        kwargs = preset.load_kwargs(device, hardware)
-
-        def apply(pipe):
-            return preset.apply(pipe, device)
-
-    quant = kwargs.get("quantization_config")
-    mapping = dict(getattr(quant, "quant_mapping", None) or {})
-    no_t5 = "text_encoder_3" in kwargs and kwargs["text_encoder_3"] is None
-    return Placement(
-        name=preset.name,
-        device=device,
-        dtype=kwargs["dtype"],
-        component_kwargs={name: {"quantization_config": cfg} for name, cfg in mapping.items()},
-        skip=("text_encoder_3", "tokenizer_3") if no_t5 else (),
-        apply=apply,
-        pipeline_kwargs=kwargs if "device_map" in kwargs else None,
-        resident=validate_on_cpu or preset.placement == "resident",
-    )
-
-
-def placement_for(config: StudioConfig, preset: str | None = "auto", variant: str | None = None,
-                  hardware=None) -> Placement:
-    """The Placement for a memory preset name; "auto" asks the planner (the demo family is tiny:
-    it runs with the device's default). Raises ModelError when the preset cannot run here."""
-    from .hardware import detect_hardware
-    from .memory import choose, get_preset
-
-    preset = preset or config.preset or "auto"
-    try:
-        hardware = hardware or detect_hardware(device=config.device)
-    except ValueError as e:
-        raise ModelError(str(e)) from e
-    if preset == "auto":
-        if config.demo:
-            return default_placement(hardware.device)
-        plan = choose(hardware, variant or config.variant or "sd3.5-medium")
-        if not plan.fits:
-            log.warning("no preset fits: %s", plan.explanation.splitlines()[0])
-        preset = plan.preset
-    try:
-        chosen = get_preset(preset)
-    except (KeyError, ValueError) as e:
-        raise ModelError(str(e.args[0] if e.args else e)) from e
-    problem = chosen.check(hardware)
-    if problem:
-        raise ModelError(f"Preset {chosen.name!r} cannot run here: {problem}")
-    return placement_from_preset(chosen, hardware.device, hardware)

@@ -14,153 +14,49 @@ What a deployment guarantees (tests/test_security.py, tests/test_space.py):
   tunnel cannot be opened Gradio carries on locally; we say so in one line with the local URL.
 * **Shared deployments** (``--share``, ``--shared``, a Hugging Face Space): the studio is
   ``shared`` — a gallery per login (with ``--auth``) or per browser session, no token field,
-  no model paths or arbitrary Hub ids, no unload button (see ``studio.services``).
-* **Secrets.** Every logging handler the studio installs carries :class:`RedactSecrets`, which
-  replaces Hugging Face tokens (``hf_…``) in messages, arguments and tracebacks.
+  no model paths or arbitrary Hub ids, no unload button (see ``studio.service``).
+* **Secrets.** Every logging handler carries ``studio.logs.RedactSecrets``, and stdout/stderr
+  themselves are wrapped (``redact_streams``): Hugging Face tokens (``hf_…``) are replaced in
+  messages, arguments and tracebacks, whoever prints them.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import logging
-import os
-import re
 import sys
 from pathlib import Path
-from urllib.parse import unquote
 
-from .config import StudioConfig
+from studio.app.guards import CancelGuard, FileRouteGuard, LoginThrottle  # noqa: F401
+from studio.config import StudioConfig, on_space
+from studio.logs import RedactSecrets, install_logging, quiet_libraries, redact, redact_streams  # noqa: F401
 
 MAX_UPLOAD = "50mb"  # Gradio refuses larger uploads (HTTP 413) before our code sees them
-
-TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{20,}")
-REDACTED = "hf_***"
 
 
 class StartupError(Exception):
     pass
 
 
-# --- secrets in logs ---------------------------------------------------------------------------
-
-
-def redact(text: str) -> str:
-    """Replace anything that looks like a Hugging Face token."""
-    return TOKEN_RE.sub(REDACTED, text)
-
-
-class RedactSecrets(logging.Filter):
-    """A handler filter: the record's message, arguments and traceback text lose their tokens."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # noqa: BLE001 — a broken format string is still logged, redacted
-            message = str(record.msg)
-        record.msg, record.args = redact(message), None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = redact(record.exc_text)
-        if record.stack_info:
-            record.stack_info = redact(record.stack_info)
-        return True
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is now (it may be replaced after start-up)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value):
-        pass
-
-
-_FILTER = RedactSecrets()
-# Loggers whose handlers (if any are already there) get the filter too.
-_LOGGERS = ("", "studio", "gradio", "uvicorn", "uvicorn.error", "uvicorn.access", "httpx",
-            "huggingface_hub", "diffusers", "transformers")
-
-
-def install_logging(level: int = logging.WARNING) -> logging.Handler:
-    """Install the studio's console handler (stderr, redacting) on the root logger, once, and add
-    the redacting filter to every handler already attached to the loggers the studio runs with."""
-    root = logging.getLogger()
-    handler = next((h for h in root.handlers if getattr(h, "_sd35_studio", False)), None)
-    if handler is None:
-        handler = _StderrHandler()
-        handler._sd35_studio = True  # type: ignore[attr-defined]
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
-        if root.level > level or root.level == logging.NOTSET:
-            root.setLevel(level)
-    for name in _LOGGERS:
-        for h in logging.getLogger(name).handlers:
-            if _FILTER not in h.filters:
-                h.addFilter(_FILTER)
-    return handler
-
-
 # --- which files may be served -----------------------------------------------------------------
 
 
-_FILE_ROUTE = re.compile(r"/file[=/]")
-
-
-class FileRouteGuard:
-    """ASGI middleware: refuse any Gradio file request whose path lands inside ``root``.
-
-    Gradio's own check (allowed/blocked paths) still runs after this one; the guard only adds a
-    refusal for the data dir, which must stay in ``allowed_paths`` for Gradio to copy returned
-    images into its cache. Every reading of the path is checked: as routed (the server has
-    decoded it once), decoded once more, with backslashes as separators, and with symlinks
-    resolved.
-    """
-
-    def __init__(self, app, root: str | os.PathLike):
-        self.app = app
-        root = Path(os.path.abspath(root))
-        self.roots = {root, root.resolve()}
-
-    def refused(self, path: str) -> bool:
-        for m in _FILE_ROUTE.finditer(path):
-            rest = path[m.end():]
-            for candidate in {rest, unquote(rest), rest.replace("\\", "/"), unquote(rest).replace("\\", "/")}:
-                if candidate and self._inside(candidate):
-                    return True
-        return False
-
-    def _inside(self, candidate: str) -> bool:
-        try:
-            p = Path(os.path.abspath(candidate))
-            forms = {p, p.resolve()}
-        except (OSError, ValueError, RuntimeError):
-            return True  # a path we cannot even normalise is not served
-        return any(f == r or r in f.parents for f in forms for r in self.roots)
-
-    async def __call__(self, scope, receive, send):
-        if scope.get("type") == "http" and self.refused(scope.get("path", "")):
-            from starlette.responses import PlainTextResponse
-
-            await PlainTextResponse("File not allowed.", status_code=403)(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-
 def file_access(config: StudioConfig) -> dict:
-    """The launch() arguments that decide which files Gradio may serve."""
+    """The launch() arguments that decide which files Gradio may serve, plus the login throttle
+    and the cancel guard (``launch`` tells the cancel guard which app it guards)."""
+    from types import SimpleNamespace
+
     from starlette.middleware import Middleware
+
+    from studio.blobs import KINDS
 
     data = config.data_dir
     return dict(
         # Gradio copies returned images from here into its cache; the guard stops direct access.
-        allowed_paths=[str(data / "images"), str(data / "thumbs"), str(data / "masks")],
+        allowed_paths=[str(data / "images"), str(data / "thumbs"), *(str(data / k) for k in KINDS.values())],
         blocked_paths=[str(data / "gallery.sqlite"), str(data / "models"), str(data / "cache"),
-                       str(data / "settings.json"), str(data / "loras")],
-        app_kwargs={"middleware": [Middleware(FileRouteGuard, root=str(data))]},
+                       str(data / "settings.json"), str(data / "loras"), str(data / "upscalers")],
+        app_kwargs={"middleware": [Middleware(FileRouteGuard, root=str(data)), Middleware(LoginThrottle),
+                                   Middleware(CancelGuard, holder=SimpleNamespace(blocks=None))]},
     )
 
 
@@ -205,8 +101,6 @@ def is_shared(args) -> bool:
     """Shared deployments: a share link, ``--shared``, or a Hugging Face Space. A LAN address
     (``--host 0.0.0.0``) alone is not: that is one person's studio reached from another machine
     (a warning says to add ``--auth``); pass ``--shared`` for per-session galleries there."""
-    from .spaces_support import on_space
-
     return bool(getattr(args, "share", False) or getattr(args, "shared", False) or on_space())
 
 
@@ -234,6 +128,9 @@ def launch_kwargs(config: StudioConfig, args) -> dict:
 def launch(demo, kwargs: dict, *, share_requested: bool, block: bool = True):
     """``demo.launch(**kwargs)``; if a share link was asked for but could not be opened, say so
     (Gradio prints its reason and carries on locally). Returns the share URL or None."""
+    for m in kwargs.get("app_kwargs", {}).get("middleware", []):
+        if getattr(m, "cls", None) is CancelGuard:
+            m.kwargs["holder"].blocks = demo
     demo.launch(**{**kwargs, "prevent_thread_lock": True})
     share_url = getattr(demo, "share_url", None)
     if share_requested and not share_url:
@@ -248,9 +145,10 @@ def launch(demo, kwargs: dict, *, share_requested: bool, block: bool = True):
 
 
 def serve(config: StudioConfig, args) -> int:
-    from .cli import quiet_libraries
-    from .services import Studio
+    """``launch.py`` without a subcommand: check the gallery, build the UI, serve until stopped."""
+    from studio.service import Studio
 
+    redact_streams()
     install_logging()
     try:
         kwargs = launch_kwargs(config, args)
@@ -260,12 +158,12 @@ def serve(config: StudioConfig, args) -> int:
     if not is_loopback(config.host) and not kwargs["auth"]:
         print(f"warning: listening on {config.host} without --auth: anyone who can reach this machine "
               "can use the studio and see its gallery. Add --auth USER:PASS.", file=sys.stderr)
-    studio = Studio(config)
-    studio.shared = is_shared(args)
+    studio = Studio(config, shared=is_shared(args))
+    studio.start()
     ok, message = studio.availability()
     print(("Model: " if ok else "No model yet: ") + message, file=sys.stderr)
     quiet_libraries()
-    from .ui.app import build_app, launch_options
+    from studio.ui.app import build_app, launch_options
 
     demo = build_app(studio)
     demo.queue(default_concurrency_limit=1, max_size=64)

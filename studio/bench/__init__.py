@@ -56,10 +56,10 @@ def _median_pair(a, b, repeat: int) -> tuple[float, float]:
 def bench_overhead(family: dict, work: Path, repeat: int, size: int, steps: int) -> dict:
     import torch
 
-    from .config import StudioConfig
-    from .engine import Engine, GenerationRequest
-    from .gallery import Gallery
-    from .models import ModelManager
+    from studio.config import StudioConfig
+    from studio.engine import Engine, GenerationRequest
+    from studio.gallery import Gallery
+    from studio.models import ModelManager
 
     config = StudioConfig(data_dir=work / "overhead")
     config.ensure_dirs()
@@ -82,8 +82,8 @@ def bench_overhead(family: dict, work: Path, repeat: int, size: int, steps: int)
 
 
 def bench_swap(family: dict, work: Path, repeat: int) -> dict:
-    from .config import StudioConfig
-    from .models import ModelManager
+    from studio.config import StudioConfig
+    from studio.models import ModelManager
 
     config = StudioConfig(data_dir=work / "swap")
     warm = ModelManager(config)
@@ -114,9 +114,9 @@ def bench_swap(family: dict, work: Path, repeat: int) -> dict:
 
 
 def bench_prompt_cache(family: dict, work: Path, repeat: int) -> dict:
-    from .config import StudioConfig
-    from .engine import Engine, PromptCache
-    from .models import ModelManager
+    from studio.config import StudioConfig
+    from studio.engine import Engine, PromptCache
+    from studio.models import ModelManager
 
     manager = ModelManager(StudioConfig(data_dir=work / "cache"))
     loaded = manager.load(str(family["sd3.5-large"]))
@@ -180,7 +180,7 @@ def bench_startup(work: Path, repeat: int) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     data = work / "startup"
     # build the demo family once, outside the timing: startup never builds models anyway
-    from .tiny import build_tiny_family
+    from studio.demo.tiny import build_tiny_family
 
     build_tiny_family(data / "models" / "tiny")
 
@@ -203,7 +203,7 @@ def bench_startup(work: Path, repeat: int) -> dict:
 
 
 def bench_gallery(n: int) -> dict:
-    from .bench_gallery import run
+    from studio.bench.gallery import run
 
     r = run(n=n)
     return {"gallery_page_ms": r["page_ms"], "gallery_search_ms": r["search_ms"], "gallery_entries": n}
@@ -226,8 +226,8 @@ def format_table(results: dict) -> str:
 
 
 def run(only: list[str] | None = None, quick: bool = False, work: Path | None = None) -> dict:
-    from .cli import quiet_libraries
-    from .tiny import build_tiny_family
+    from studio.logs import quiet_libraries
+    from studio.demo.tiny import build_tiny_family
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet_libraries()
@@ -273,6 +273,3 @@ def main(argv=None) -> int:
         print(format_table(results))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

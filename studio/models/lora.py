@@ -1,13 +1,18 @@
 """LoRA files: where they live, what format they are in, and how a selection is written down.
 
 LoRAs are ``.safetensors`` files in ``<data-dir>/loras/`` (``StudioConfig.loras_dir``); a LoRA's
-*name* is its file name without the suffix. Uploads are copied into that folder. Only the
-diffusers / PEFT key layout loads (``transformer.…lora_A.weight`` / ``lora_B``, optionally
-``text_encoder.…`` / ``text_encoder_2.…``) — the format ``StableDiffusion3Pipeline.save_lora_weights``
-writes and most SD3 LoRAs on the Hub use. Other layouts are recognised from their keys *before*
-loading and refused with a message: diffusers 0.42 does not convert kohya-style SD3 keys
-(``lora_unet_…``, ``lora_te1_…``) — it logs a warning and loads nothing, so the image would
-silently be the base model's.
+*name* is its file name without the suffix. Uploads are copied into that folder. Two families of
+layouts load:
+
+* diffusers / PEFT (``transformer.…lora_A.weight`` / ``lora_B``, optionally ``text_encoder.…`` /
+  ``text_encoder_2.…``) — what ``StableDiffusion3Pipeline.save_lora_weights`` writes and most
+  SD3 LoRAs on the Hub use; loaded as is;
+* kohya / Civitai (``lora_unet_…``, ``lora_te1_…``) and ComfyUI (``diffusion_model.…``) —
+  converted by ``studio.models.kohya`` (diffusers 0.42 would load nothing from them). Modules
+  that cannot be converted are counted in ``LoraInfo.notes``; a file of which nothing converts
+  is refused.
+
+Anything else is recognised from its keys *before* loading and refused with a message.
 
 This module reads only safetensors headers (never tensors) and knows nothing of torch or
 diffusers; ``ModelManager.activate_loras`` does the loading.
@@ -24,17 +29,28 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-MAX_LORAS = 8  # per request
-MAX_WEIGHT = 4.0
+from studio.errors import StudioError
+from studio.models import kohya
+from studio.models.identity import addnet_digest
+
 MAX_LORA_BYTES = 4 << 30
 MAX_HEADER_BYTES = 64 << 20
 NAME_RE = re.compile(r"^[\w][\w.\- ]{0,99}$")  # no ':' '<' '>' (infotext tags) nor path separators
-TAG_RE = re.compile(r"<lora:([^:<>\n]+):([^:<>\n]+)>")
 DIFFUSERS_PREFIXES = ("transformer.", "text_encoder.", "text_encoder_2.")
 
 
-class LoraError(ValueError):
+class LoraError(StudioError, ValueError):
     """A LoRA that cannot be used. The message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class LoraFormat:
+    """What a LoRA file's keys say: its layout, whether it changes the text encoders, and what
+    of it will not be applied (sentences for the user)."""
+
+    kind: str  # "diffusers" (loaded as is) | "kohya" (kohya / ComfyUI keys, converted on load)
+    text_encoders: bool
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -44,6 +60,9 @@ class LoraInfo:
     sha256: str
     size: int
     text_encoders: bool  # the file also changes CLIP-L / CLIP-G (prompt embeddings differ)
+    addnet: str = ""  # A1111's "addnet" hash (sha256 of the tensor data), full hex
+    format: str = "diffusers"  # LoraFormat.kind
+    notes: tuple[str, ...] = ()  # what of the file is not applied (kohya files: unmatched modules)
 
     @property
     def adapter_name(self) -> str:
@@ -52,7 +71,11 @@ class LoraInfo:
         return re.sub(r"\W", "_", self.name)[:40] + "_" + self.sha256[:12]
 
     def as_meta(self, weight: float) -> dict:
-        return {"name": self.name, "sha256": self.sha256, "weight": float(weight)}
+        """The metadata entry: ``hash`` is A1111's ``Lora hashes`` value (addnet, 12 hex digits)."""
+        meta = {"name": self.name, "sha256": self.sha256, "weight": float(weight)}
+        if self.addnet:
+            meta["hash"] = self.addnet[:12]
+        return meta
 
 
 def read_keys(path: Path) -> tuple[list[str], dict]:
@@ -76,23 +99,36 @@ def read_keys(path: Path) -> tuple[list[str], dict]:
     return list(header), meta if isinstance(meta, dict) else {}
 
 
-def check_format(keys: list[str], filename: str = "the file") -> bool:
-    """Raise LoraError unless the keys are the diffusers/PEFT SD3 layout; returns whether the
-    LoRA also touches the text encoders."""
+def inspect_keys(keys: list[str], filename: str = "the file") -> LoraFormat:
+    """The layout of a LoRA from its key names; raises LoraError for a file the studio cannot use."""
     if not keys:
         raise LoraError(f"{filename} holds no tensors; it is not a LoRA.")
-    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")) for k in keys):
+    if kohya.is_foreign_layout(keys):
+        plan = kohya.plan_keys(keys)
+        if not plan.targets:
+            raise LoraError(
+                f"Unsupported LoRA: none of the {plan.total} modules of {filename} maps to SD3 "
+                f"({plan.reasons()}). The studio converts kohya/Civitai (lora_unet_…, lora_te1_…, "
+                "lora_te2_…) and ComfyUI (diffusion_model.…) SD3/SD3.5 LoRAs, and loads the "
+                "diffusers/PEFT layout (transformer.….lora_A.weight); is it a LoRA for another model?"
+            )
+        note = plan.note(filename)
+        return LoraFormat("kohya", plan.text_encoders, (note,) if note else ())
+    return LoraFormat("diffusers", check_format(keys, filename))
+
+
+def check_format(keys: list[str], filename: str = "the file") -> bool:
+    """Raise LoraError unless the keys are the diffusers/PEFT SD3 layout; returns whether the
+    LoRA also touches the text encoders. (kohya/ComfyUI files: :func:`inspect_keys`.)"""
+    if not keys:
+        raise LoraError(f"{filename} holds no tensors; it is not a LoRA.")
+    if kohya.is_foreign_layout(keys):
+        return inspect_keys(keys, filename).text_encoders
+    if any(k.startswith("base_model.model.") for k in keys):
         raise LoraError(
-            f"Unsupported LoRA format: {filename} uses kohya/A1111-style keys (lora_unet_…, lora_te…). "
-            "diffusers 0.42 does not convert these for SD3 (it would load nothing and the image "
-            "would be the base model's). Use the diffusers/PEFT version of the LoRA (keys like "
-            "transformer.transformer_blocks.0.attn.to_q.lora_A.weight), or convert it first."
-        )
-    if any(k.startswith(("diffusion_model.", "model.diffusion_model.", "base_model.model.")) for k in keys):
-        raise LoraError(
-            f"Unsupported LoRA format: {filename} uses ComfyUI/raw-PEFT keys (diffusion_model.… or "
-            "base_model.model.…). The studio loads the diffusers/PEFT layout written by "
-            "StableDiffusion3Pipeline.save_lora_weights (transformer.….lora_A.weight)."
+            f"Unsupported LoRA format: {filename} uses raw-PEFT keys (base_model.model.…). The "
+            "studio loads the diffusers/PEFT layout written by StableDiffusion3Pipeline.save_lora_weights "
+            "(transformer.….lora_A.weight), and kohya/ComfyUI SD3 LoRAs (lora_unet_…, diffusion_model.…)."
         )
     bad = [k for k in keys if not (k.startswith(DIFFUSERS_PREFIXES) and "lora" in k)]
     if bad:
@@ -124,6 +160,9 @@ class LoraLibrary:
     def _sha(self, path: Path) -> str:
         return self.hashes.file_hash(path) if self.hashes is not None else file_sha256(path)
 
+    def _addnet(self, path: Path) -> str:
+        return self.hashes.addnet_hash(path) if self.hashes is not None else addnet_digest(path)
+
     def names(self) -> list[str]:
         """Every loadable-looking LoRA file name in the folder (sorted, case-insensitively)."""
         if not self.folder.is_dir():
@@ -146,20 +185,22 @@ class LoraLibrary:
         """Inspect a LoRA (format checked from the header; raises LoraError)."""
         path = self.path_for(name)
         keys, _ = read_keys(path)
-        te = check_format(keys, path.name)
-        return LoraInfo(path.stem, path, self._sha(path), path.stat().st_size, te)
+        fmt = inspect_keys(keys, path.name)
+        return LoraInfo(path.stem, path, self._sha(path), path.stat().st_size, fmt.text_encoders,
+                        addnet=self._addnet(path), format=fmt.kind, notes=fmt.notes)
 
     def describe(self) -> list[dict]:
-        """{name, sha256, size, text_encoders, error} per file (for /list_loras)."""
+        """{name, sha256, size, text_encoders, format, notes, error} per file (for /list_loras)."""
         out = []
         for name in self.names():
             try:
                 i = self.info(name)
                 out.append({"name": i.name, "sha256": i.sha256, "size": i.size,
-                            "text_encoders": i.text_encoders, "error": None})
+                            "text_encoders": i.text_encoders, "format": i.format, "notes": list(i.notes),
+                            "error": None})
             except (LoraError, OSError) as e:
                 out.append({"name": name, "sha256": None, "size": None, "text_encoders": None,
-                            "error": str(e)})
+                            "format": None, "notes": [], "error": str(e)})
         return out
 
     def import_file(self, src: str | os.PathLike, name: str | None = None) -> LoraInfo:
@@ -176,7 +217,7 @@ class LoraLibrary:
             raise LoraError(f"{name!r} cannot be a LoRA name: use letters, digits, spaces, '_', '-' or '.' "
                             "(no ':' '<' '>' or slashes — they would break <lora:name:weight> tags).")
         keys, _ = read_keys(src)
-        check_format(keys, src.name)
+        inspect_keys(keys, src.name)
         self.folder.mkdir(parents=True, exist_ok=True)
         dest = self.folder / f"{name}.safetensors"
         if dest.exists():
@@ -190,88 +231,3 @@ class LoraLibrary:
 
 
 # --- writing a selection down -------------------------------------------------------------------
-
-
-def format_weight(weight) -> str:
-    return f"{float(weight):g}"
-
-
-def tags(loras) -> str:
-    """``<lora:name:weight>`` tags for metadata ``loras`` entries (A1111's prompt convention)."""
-    return " ".join(f"<lora:{d['name']}:{format_weight(d['weight'])}>" for d in loras or ()
-                    if isinstance(d, dict) and d.get("name"))
-
-
-def split_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
-    """A prompt with ``<lora:name:weight>`` tags → (the prompt without them, [(name, weight)]).
-
-    Tags with an unreadable weight are left in the prompt."""
-    found: list[tuple[str, float]] = []
-
-    def take(m):
-        try:
-            found.append((m.group(1).strip(), float(m.group(2))))
-        except ValueError:
-            return m.group(0)
-        return ""
-
-    text = TAG_RE.sub(take, prompt or "")
-    if found:
-        text = re.sub(r"[ \t]+,", ",", re.sub(r"[ \t]{2,}", " ", text))
-        text = re.sub(r"^[ \t]*,[ \t]*|[ \t]*,?[ \t]*$", "", text, flags=re.M).strip()
-    return text, found
-
-
-def parse_selection(spec) -> list[tuple[str, object]]:
-    """The API's ``loras`` text (``name:0.8, other`` or ``<lora:name:0.8>``; weight 1 when left
-    out) or a list of pairs/dicts → [(name, weight)]. Weights that are not numbers are passed on
-    as they are, for the engine to refuse."""
-    if spec is None or spec == "":
-        return []
-    if isinstance(spec, (list, tuple)):
-        out = []
-        for item in spec:
-            if isinstance(item, dict):
-                out.append((item.get("name"), item.get("weight", 1.0)))
-            elif isinstance(item, (list, tuple)) and len(item) == 2:
-                out.append((item[0], item[1]))
-            else:
-                out.append((item, 1.0))
-        return out
-    text = str(spec)
-    _, tagged = split_tags(text)
-    if tagged:
-        return list(tagged)
-    out = []
-    for part in re.split(r"[,\n]", text):
-        part = part.strip()
-        if not part:
-            continue
-        name, sep, weight = part.rpartition(":")
-        if not sep:
-            name, weight = part, "1"
-        try:
-            w: object = float(weight)
-        except ValueError:
-            w = weight.strip()
-        out.append((name.strip(), w))
-    return out
-
-
-def selection_from_fields(fields: dict) -> tuple[str, list[tuple[str, float]]]:
-    """"Reuse parameters": (prompt, [(name, weight)]) from studio fields — the JSON metadata's
-    ``loras`` when present, else the ``<lora:name:weight>`` tags of an infotext prompt (ours or
-    A1111's), which are taken out of the prompt."""
-    prompt = str(fields.get("prompt") or "")
-    loras = fields.get("loras")
-    if isinstance(loras, list) and loras:
-        out = []
-        for d in loras:
-            if isinstance(d, dict) and isinstance(d.get("name"), str):
-                try:
-                    out.append((os.path.splitext(d["name"])[0] if d["name"].endswith(".safetensors")
-                                else d["name"], float(d.get("weight", 1.0))))
-                except (TypeError, ValueError):
-                    continue
-        return prompt, out
-    return split_tags(prompt)

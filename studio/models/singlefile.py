@@ -10,6 +10,22 @@ What users download from Stability AI is not a diffusers folder but:
     text_encoders/t5xxl_fp16.safetensors        T5EncoderModel, fp16
     text_encoders/t5xxl_fp8_e4m3fn.safetensors  the same in float8_e4m3fn
 
+Also read: ComfyUI's repacks (``text_encoders/`` or ``clip/`` folders, ``t5xxl_fp8_e4m3fn_scaled``,
+and "scaled fp8" checkpoints such as Comfy-Org's ``sd3.5_large_fp8_scaled.safetensors``: float8
+weights, a ``<layer>.scale_weight`` per matrix, a ``scaled_fp8`` marker tensor) and city96's GGUF
+transformers (``studio.models.gguf``).
+
+Scaled fp8 is *dequantized on load*: ``w = w_fp8.to(float32) * scale_weight``, then the
+placement's dtype — ComfyUI's own arithmetic (``comfy/ops.py``: ``weight * scale_weight``).
+diffusers has no scaled-fp8 layer, so keeping fp8 storage would mean replacing every Linear;
+an fp8 preset can still store the dequantized weights in fp8 afterwards (layerwise casting).
+``scale_input`` is only used by ComfyUI's fp8 matrix multiplication of activations and does
+not change the weights; it is ignored. So the loaded transformer is as big as the bf16 release
+(``FileInfo.storage`` says so: what is on disk, and what the load makes of it).
+
+Nothing unknown is loaded silently: a tensor that neither diffusers' converters nor the
+layouts above consume is an error that names it (:func:`check_layout`).
+
 The weights carry no configs, tokenizers or scheduler: those come from a *base* diffusers folder
 (only its JSON files and tokenizers are needed, ~2 MB), found offline in this order:
 ``config.single_file_config_dir``, the folder named by ``$SD35_STUDIO_CONFIG_DIR``, the Hugging
@@ -19,6 +35,8 @@ from the gated Hub repo).
 
 API:
 - :func:`detect_variant` / :func:`inspect_file`: which variant a file holds, from the header only;
+- :func:`file_storage`: what the transformer weighs on disk (bytes by dtype, scaled fp8, GGUF
+  quantization types) and what it becomes once loaded — for the memory planner;
 - :func:`resolve_single_file`: (base folder, per-component overrides) for ``ModelManager.load``;
 - :func:`export_official_layout`: write a diffusers folder in the official single-file layout
   (the exact inverse of diffusers' converters; used by the tests with the tiny family).
@@ -36,9 +54,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .catalog import VARIANTS, get_variant, variant_for_transformer_config
-from .config import StudioConfig
-from .models import HashCache, ModelError, Placement
+from studio.catalog import VARIANTS, get_variant, variant_for_transformer_config
+from studio.config import StudioConfig
+from studio.errors import ModelError
+from studio.models.identity import HashCache
+from studio.models.placement import Placement
+from studio.models.sources import short_error
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +70,23 @@ CONFIG_ENV = "SD35_STUDIO_CONFIG_DIR"
 # What a base folder must provide (the weights come from the single file and text_encoders/).
 CONFIG_PATTERNS = ["*.json", "tokenizer*/*", "scheduler/*"]
 TEXT_ENCODER_DIR = "text_encoders"
-# component -> file names, in order of preference
+# The release's folder name, and ComfyUI's (models/text_encoders, formerly models/clip).
+TEXT_ENCODER_DIRS = (TEXT_ENCODER_DIR, "clip")
+# component -> file names, in order of preference (ComfyUI's recommended T5 is the scaled fp8 one)
 TEXT_ENCODER_FILES: dict[str, tuple[str, ...]] = {
     "text_encoder": ("clip_l.safetensors",),
     "text_encoder_2": ("clip_g.safetensors",),
-    "text_encoder_3": ("t5xxl_fp16.safetensors", "t5xxl_fp8_e4m3fn.safetensors"),
+    "text_encoder_3": ("t5xxl_fp16.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors",
+                       "t5xxl_fp8_e4m3fn.safetensors"),
 }
+# ComfyUI's "scaled fp8" layout: <layer>.weight in float8 and <layer>.scale_weight (float32, a
+# scalar); <layer>.scale_input is for fp8 activations only; a "scaled_fp8" tensor marks the file.
+SCALE_WEIGHT = ".scale_weight"
+SCALE_INPUT = ".scale_input"
+SCALED_FP8_MARKER = "scaled_fp8"
+FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
 # Some releases (SD3 Medium "incl_clips") carry the encoders inside the file under these prefixes.
 EMBEDDED_ENCODER_PREFIXES = {
     "text_encoder": "text_encoders.clip_l.transformer.",
@@ -155,19 +187,38 @@ class FileInfo:
     vae_prefix: str | None  # "first_stage_model." when the file carries the VAE
     embedded_encoders: dict[str, str]  # component -> key prefix, for encoders inside the file
     tensors: dict[str, TensorInfo] = field(repr=False)
+    kind: str = "safetensors"  # | "gguf"
+    scaled_fp8: str | None = None  # the marker's dtype (ComfyUI: its fp8 format) when present
 
     @property
     def has_vae(self) -> bool:
         return self.vae_prefix is not None
 
-    def transformer_keys(self) -> list[str]:
+    def _all_transformer_keys(self) -> list[str]:
         if self.prefix:
             return [k for k in self.tensors if k.startswith(self.prefix)]
         others = VAE_PREFIXES + ("text_encoders.", "cond_stage_model.", "conditioner.")
         return [k for k in self.tensors if not k.startswith(others)]
 
+    def transformer_keys(self) -> list[str]:
+        """The transformer's weights (without scaled-fp8 scales and marker)."""
+        return [k for k in self._all_transformer_keys() if not _is_scale_key(k)]
+
     def vae_keys(self) -> list[str]:
-        return [k for k in self.tensors if self.vae_prefix and k.startswith(self.vae_prefix)]
+        return [k for k in self.tensors if self.vae_prefix and k.startswith(self.vae_prefix) and not _is_scale_key(k)]
+
+    def scales(self) -> dict[str, str]:
+        """weight key -> its ``scale_weight`` key (scaled fp8), for every scaled matrix."""
+        out = {}
+        for k in self.tensors:
+            if k.endswith(SCALE_WEIGHT):
+                out[k[: -len(SCALE_WEIGHT)] + ".weight"] = k
+        return out
+
+    @property
+    def storage(self) -> dict:
+        """What the transformer weighs: see :func:`file_storage`."""
+        return _storage(self)
 
 
 def _describe(keys: list[str]) -> str:
@@ -200,10 +251,25 @@ def _describe(keys: list[str]) -> str:
     return f"a file of {len(ks)} tensors such as {sample}"
 
 
+def _is_scale_key(k: str) -> bool:
+    return k.endswith((SCALE_WEIGHT, SCALE_INPUT)) or k == SCALED_FP8_MARKER or k.endswith("." + SCALED_FP8_MARKER)
+
+
 def inspect_file(path: str | os.PathLike) -> FileInfo:
-    """Read a single-file checkpoint's header and work out what it holds. No weights are read."""
+    """Read a single-file checkpoint's header and work out what it holds. No weights are read.
+
+    ``.gguf`` files (city96's quantized transformers) are read by ``studio.models.gguf``."""
     path = Path(path)
-    tensors = read_header(path)
+    if path.suffix.lower() == ".gguf":
+        from studio.models.gguf import gguf_header
+
+        tensors = gguf_header(path)
+    else:
+        tensors = read_header(path)
+    return _file_info(path, tensors)
+
+
+def _file_info(path: Path, tensors: dict[str, TensorInfo]) -> FileInfo:
     blocks = [k for k in tensors if "joint_blocks." in k]
     if not blocks:
         raise ModelError(
@@ -235,6 +301,7 @@ def inspect_file(path: str | os.PathLike) -> FileInfo:
     embedded = {
         c: p for c, p in EMBEDDED_ENCODER_PREFIXES.items() if any(k.startswith(p) for k in tensors)
     }
+    marker = tensors.get(prefix + SCALED_FP8_MARKER) or tensors.get(SCALED_FP8_MARKER)
     if dual:
         variant = "sd3.5-medium"
     elif qk or (prefix + LARGE_KEY) in tensors:
@@ -255,7 +322,56 @@ def inspect_file(path: str | os.PathLike) -> FileInfo:
         vae_prefix=vae_prefix,
         embedded_encoders=embedded,
         tensors=tensors,
+        kind="gguf" if path.suffix.lower() == ".gguf" else "safetensors",
+        scaled_fp8=marker.dtype if marker else None,
     )
+
+
+def _storage(info: FileInfo) -> dict:
+    if info.kind == "gguf":
+        from studio.models.gguf import gguf_tensor_bytes
+
+        out = gguf_tensor_bytes(info.path)
+        return {**out, "kind": "gguf", "scaled_fp8": False, "scaled_matrices": 0,
+                "loads_as": "gguf: quantized tensors stay quantized (dequantized per layer at compute); "
+                            "F32/F16 tensors are cast to the compute dtype"}
+    keys = info._all_transformer_keys()
+    by_dtype: dict[str, int] = {}
+    params = 0
+    for k in keys:
+        t = info.tensors[k]
+        by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + (t.end - t.start)
+        if not _is_scale_key(k):
+            n = 1
+            for d in t.shape:
+                n *= d
+            params += n
+    scaled = sum(1 for w in info.scales() if w in info.tensors and w.startswith(info.prefix))
+    return {
+        "kind": "safetensors",
+        "file_bytes": info.path.stat().st_size,
+        "transformer_bytes": sum(by_dtype.values()),  # on disk, scales included
+        "by_dtype": by_dtype,
+        "params": params,
+        "scaled_fp8": info.scaled_fp8 is not None or scaled > 0,
+        "scaled_matrices": scaled,
+        "loads_as": "params × the placement dtype's size (fp8 and scaled fp8 are dequantized on load)",
+    }
+
+
+def file_storage(path: str | os.PathLike) -> dict:
+    """What a single file's transformer weighs, from its header only — for the memory planner.
+
+    safetensors: ``{"kind": "safetensors", "file_bytes", "transformer_bytes" (on disk, scales
+    included), "by_dtype": {"F8_E4M3": bytes, "F32": bytes, ...}, "params", "scaled_fp8": bool,
+    "scaled_matrices": n, "loads_as": text}`` — fp8 and scaled fp8 are dequantized on load, so the
+    loaded transformer takes ``params × dtype size`` bytes (what the bf16 release takes).
+
+    gguf: :func:`studio.models.gguf.gguf_tensor_bytes` (``total_bytes``, per-type counts and
+    bytes, ``quantized_bytes``, ``unquantized_params``) plus the keys above; loaded, the
+    transformer takes ``quantized_bytes + unquantized_params × dtype size``.
+    """
+    return inspect_file(path).storage
 
 
 def detect_variant(path: str | os.PathLike) -> str:
@@ -395,13 +511,106 @@ def check_compatible(info: FileInfo, base: Path) -> None:
         )
 
 
+# --- nothing silently ---------------------------------------------------------------------------
+
+# Tensors known to carry nothing the pipeline uses: CLIP's logit scale in ComfyUI's "incl_clips" saves.
+_IGNORED = re.compile(r"^text_encoders\.(clip_l|clip_g|t5xxl)\.logit_scale$")
+
+
+def _meta(info: FileInfo, keys) -> dict:
+    import torch
+
+    return {k: torch.empty(info.tensors[k].shape, device="meta") for k in keys}
+
+
+def _transformer_leftovers(info: FileInfo) -> list[str]:
+    """Transformer tensors diffusers' converter does not consume (a dry run on shapes only)."""
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    keys = info.transformer_keys()
+    sd = {SAI_PREFIX + k[len(info.prefix):]: v for k, v in _meta(info, keys).items()}
+    try:
+        convert_sd3_transformer_checkpoint_to_diffusers(sd)
+    except KeyError:
+        return []  # a missing tensor: loading says which (and refuses the file)
+    return [info.prefix + k.removeprefix(SAI_PREFIX) for k in sd]
+
+
+def _vae_leftovers(info: FileInfo, base: Path) -> list[str]:
+    """VAE tensors that diffusers' ldm converter drops or renames into nothing the VAE has."""
+    import torch
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    cfg = json.loads((base / "vae" / "config.json").read_text())
+    sd = {VAE_PREFIX + k[len(info.vae_prefix):]: v for k, v in _meta(info, info.vae_keys()).items()}
+    names = {id(v): k for k, v in sd.items()}
+    out = convert_ldm_vae_checkpoint(dict(sd), cfg)
+    with torch.device("meta"):
+        expected = set(AutoencoderKL.from_config(cfg).state_dict())
+    used = set()
+    for k, v in out.items():
+        src = v if id(v) in names else getattr(v, "_base", None)
+        if k in expected and src is not None and id(src) in names:
+            used.add(names[id(src)])
+    return [info.vae_prefix + k.removeprefix(VAE_PREFIX) for k in sd if k not in used]
+
+
+def _scale_problems(info: FileInfo) -> list[str]:
+    """Scaled-fp8 tensors that do not belong to a weight of a shape they can scale."""
+    import torch
+
+    bad = []
+    for k, t in info.tensors.items():
+        if not k.endswith((SCALE_WEIGHT, SCALE_INPUT)):
+            continue
+        w = info.tensors.get(k.rsplit(".", 1)[0] + ".weight")
+        try:
+            ok = w is not None and torch.broadcast_shapes(tuple(w.shape), tuple(t.shape)) == tuple(w.shape)
+        except RuntimeError:
+            ok = False
+        if not ok or not t.dtype.startswith("F"):
+            bad.append(k)
+    return bad
+
+
+def check_layout(info: FileInfo, base: Path) -> None:
+    """Refuse a file holding tensors the studio would not load: they mean a layout it does not
+    understand (loading the rest would give a wrong model without a word). The error names a
+    few and counts them."""
+    known = tuple(p for p in (info.prefix, info.vae_prefix, *info.embedded_encoders.values()) if p)
+    unknown = []
+    if info.prefix:
+        unknown += [k for k in info.tensors if not k.startswith(known) and not _IGNORED.match(k)
+                    and not (k == SCALED_FP8_MARKER or k.endswith("." + SCALED_FP8_MARKER))]
+    else:
+        unknown += [k for k in info.tensors if k.startswith(("cond_stage_model.", "conditioner.", "text_encoders."))
+                    and not (info.embedded_encoders and k.startswith(known)) and not _IGNORED.match(k)]
+    unknown += _scale_problems(info)
+    unknown += _transformer_leftovers(info)
+    if info.has_vae:
+        unknown += _vae_leftovers(info, base)
+    unknown = sorted(set(unknown))
+    if unknown:
+        shown = ", ".join(unknown[:5])
+        raise ModelError(
+            f"{info.path.name} holds {len(unknown)} tensor{'s' if len(unknown) != 1 else ''} the studio does not "
+            f"understand ({shown}{', …' if len(unknown) > 5 else ''}). It knows the official SD3/SD3.5 "
+            "layout, ComfyUI's scaled fp8 (<layer>.scale_weight, scaled_fp8) and city96's GGUF; loading the "
+            "rest would give a wrong model without a word. Is it a checkpoint of another model, or a newer "
+            "format (then please report it)?"
+        )
+
+
 # --- text encoders beside the file ----------------------------------------------------------------
 
 
 def text_encoder_dirs(path: Path) -> list[Path]:
-    """Where the text encoders of a single file are looked for, in order."""
+    """Where the text encoders of a single file are looked for, in order: text_encoders/ and
+    clip/ beside it, its own folder, then text_encoders/ and clip/ beside its folder (ComfyUI:
+    models/checkpoints/x.safetensors with models/text_encoders/ or models/clip/)."""
     here = path.parent
-    dirs = [here / TEXT_ENCODER_DIR, here, here.parent / TEXT_ENCODER_DIR]
+    dirs = [*(here / d for d in TEXT_ENCODER_DIRS), here, *(here.parent / d for d in TEXT_ENCODER_DIRS)]
     out: list[Path] = []
     for d in dirs:
         if d not in out:
@@ -424,11 +633,12 @@ def find_text_encoders(path: Path) -> dict[str, Path | None]:
 def _missing_text_encoders_message(path: Path, variant: str, missing: list[str]) -> str:
     dirs = text_encoder_dirs(path)
     wanted = " / ".join(n for c in missing for n in TEXT_ENCODER_FILES[c])
-    looked = "\n".join(f"  {d / n}" for c in missing for n in TEXT_ENCODER_FILES[c] for d in dirs)
+    looked = "\n".join(f"  {d}/" for d in dirs)
     repo = _single_file_repo(variant)
     return (
         f"The text encoders of {path.name} were not found ({wanted}): the single-file release "
-        f"keeps them in a separate text_encoders/ folder. Looked for:\n{looked}\n"
+        f"keeps them in a separate text_encoders/ folder (ComfyUI: text_encoders/ or clip/). "
+        f"Looked for those files in:\n{looked}\n"
         f"Download text_encoders/clip_l.safetensors, clip_g.safetensors and t5xxl_fp16.safetensors "
         f"(or t5xxl_fp8_e4m3fn.safetensors, half the size) from https://huggingface.co/{repo} into "
         f"{path.parent / TEXT_ENCODER_DIR}/, e.g.:\n"
@@ -463,20 +673,27 @@ def _quant_kwargs(placement: Placement, component: str) -> dict:
     return {"quantization_config": qc} if qc is not None else {}
 
 
-def _read_tensors(path: Path, keys, dtype=None) -> dict:
-    """Tensors by name from a safetensors file; floating ones cast to ``dtype`` one at a time."""
+def _read_tensors(path: Path, keys, dtype=None, scales: dict[str, str] | None = None) -> dict:
+    """Tensors by name from a safetensors file; floating ones cast to ``dtype`` one at a time.
+
+    ``scales`` (weight key -> scale key, ComfyUI's scaled fp8): those weights are dequantized,
+    ``w.float() * scale`` (ComfyUI's ``weight * scale_weight``), before the cast."""
+    import torch
     from safetensors import safe_open
 
     out = {}
+    scales = scales or {}
     try:
         with safe_open(str(path), framework="pt") as f:
             for k in keys:
                 t = f.get_tensor(k)
+                if k in scales:  # float32 unless a dtype is asked for
+                    t = t.to(torch.float32) * f.get_tensor(scales[k]).to(torch.float32)
                 if dtype is not None and t.is_floating_point() and t.dtype != dtype:
                     t = t.to(dtype)
                 out[k] = t
     except Exception as e:
-        raise ModelError(f"Could not read {path.name}: {_short(e)}") from e
+        raise ModelError(f"Could not read {path.name}: {short_error(e)}") from e
     return out
 
 
@@ -511,7 +728,7 @@ def _load_transformer(info: FileInfo, base: Path, placement: Placement):
 
     _quiet_diffusers()
     dtype = _dtype_of(placement)
-    raw = _read_tensors(info.path, info.transformer_keys(), dtype)
+    raw = _read_tensors(info.path, info.transformer_keys(), dtype, info.scales())
     # diffusers' converter expects the "model.diffusion_model." prefix (or none); normalise.
     sd = {SAI_PREFIX + k[len(info.prefix):]: v for k, v in raw.items()}
     del raw
@@ -532,7 +749,7 @@ def _load_transformer(info: FileInfo, base: Path, placement: Placement):
     except Exception as e:
         raise ModelError(
             f"Could not build the transformer from {info.path.name} with the config in "
-            f"{base / 'transformer'}: {_short(e)}"
+            f"{base / 'transformer'}: {short_error(e)}"
         ) from e
     _check_materialized(model, "transformer", info.path, base)
     return model
@@ -543,7 +760,7 @@ def _load_vae(info: FileInfo, base: Path, placement: Placement):
 
     _quiet_diffusers()
     dtype = _dtype_of(placement)
-    sd = _read_tensors(info.path, info.vae_keys(), dtype)
+    sd = _read_tensors(info.path, info.vae_keys(), dtype, info.scales())
     if info.vae_prefix != VAE_PREFIX:
         sd = {VAE_PREFIX + k[len(info.vae_prefix):]: v for k, v in sd.items()}
     try:
@@ -552,7 +769,7 @@ def _load_vae(info: FileInfo, base: Path, placement: Placement):
         )
     except Exception as e:
         raise ModelError(
-            f"Could not build the VAE from {info.path.name} with the config in {base / 'vae'}: {_short(e)}"
+            f"Could not build the VAE from {info.path.name} with the config in {base / 'vae'}: {short_error(e)}"
         ) from e
     _check_materialized(model, "VAE", info.path, base)
     return model
@@ -603,7 +820,7 @@ def _load_text_encoder(component: str, file: Path, base: Path, placement: Placem
     try:
         cfg = cls.config_class.from_pretrained(base / component)
     except Exception as e:
-        raise ModelError(f"Could not read the {component} config in {base / component}: {_short(e)}") from e
+        raise ModelError(f"Could not read the {component} config in {base / component}: {short_error(e)}") from e
     dtype = _dtype_of(placement)
     header = {k[len(prefix):]: v for k, v in read_header(file).items() if k.startswith(prefix)}
     # check the keys and shapes against the config before loading anything
@@ -649,7 +866,7 @@ def _load_text_encoder(component: str, file: Path, base: Path, placement: Placem
             **_quant_kwargs(placement, component),
         )
     except Exception as e:
-        raise ModelError(f"Could not load the {label} from {file.name}: {_short(e)}") from e
+        raise ModelError(f"Could not load the {label} from {file.name}: {short_error(e)}") from e
     bad = [k for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)]
     if bad:
         raise ModelError(
@@ -738,6 +955,7 @@ def resolve_single_file(
     info = inspect_file(path)
     base = find_base_folder(info, config)
     check_compatible(info, base)
+    check_layout(info, base)
     if hashes is None:
         hashes = HashCache(config.data_dir / "cache" / "hashes.json" if config is not None else None)
     encoders = find_text_encoders(path)
@@ -796,221 +1014,3 @@ def resolve_single_file(
         {c: (str(f) if f else None) for c, f in encoders.items()},
     )
     return base, overrides
-
-
-def _short(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
-
-
-# --- export (the inverse of diffusers' converters) -------------------------------------------------
-
-
-def _swap_halves(t):
-    """SAI's AdaLayerNormContinuous splits (shift, scale); diffusers (scale, shift). Self-inverse."""
-    import torch
-
-    a, b = t.chunk(2, dim=0)
-    return torch.cat([b, a], dim=0)
-
-
-def diffusers_to_sai_transformer(sd: dict, num_layers: int | None = None) -> dict:
-    """An SD3Transformer2DModel state dict in the original SAI key layout (without the prefix).
-
-    The exact inverse of ``diffusers.loaders.single_file_utils.convert_sd3_transformer_checkpoint_to_diffusers``.
-    Every input tensor must be consumed; a leftover raises (the layout would be incomplete).
-    """
-    import torch
-
-    src = dict(sd)
-    out = {}
-
-    def take(k):
-        return src.pop(k)
-
-    def cat(*ks):
-        return torch.cat([take(k) for k in ks], dim=0)
-
-    if num_layers is None:
-        num_layers = 1 + max(int(k.split(".")[1]) for k in src if k.startswith("transformer_blocks."))
-    out["pos_embed"] = take("pos_embed.pos_embed")
-    out["x_embedder.proj.weight"] = take("pos_embed.proj.weight")
-    out["x_embedder.proj.bias"] = take("pos_embed.proj.bias")
-    for sai, dif in (
-        ("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
-        ("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
-        ("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
-        ("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
-        ("context_embedder", "context_embedder"),
-        ("final_layer.linear", "proj_out"),
-    ):
-        for p in ("weight", "bias"):
-            out[f"{sai}.{p}"] = take(f"{dif}.{p}")
-    for p in ("weight", "bias"):
-        out[f"final_layer.adaLN_modulation.1.{p}"] = _swap_halves(take(f"norm_out.linear.{p}"))
-
-    for i in range(num_layers):
-        d = f"transformer_blocks.{i}."
-        x = f"joint_blocks.{i}.x_block."
-        c = f"joint_blocks.{i}.context_block."
-        last = i == num_layers - 1
-        for p in ("weight", "bias"):
-            out[f"{x}attn.qkv.{p}"] = cat(f"{d}attn.to_q.{p}", f"{d}attn.to_k.{p}", f"{d}attn.to_v.{p}")
-            out[f"{c}attn.qkv.{p}"] = cat(
-                f"{d}attn.add_q_proj.{p}", f"{d}attn.add_k_proj.{p}", f"{d}attn.add_v_proj.{p}"
-            )
-            out[f"{x}attn.proj.{p}"] = take(f"{d}attn.to_out.0.{p}")
-            if not last:
-                out[f"{c}attn.proj.{p}"] = take(f"{d}attn.to_add_out.{p}")
-            out[f"{x}adaLN_modulation.1.{p}"] = take(f"{d}norm1.linear.{p}")
-            ctx_ada = take(f"{d}norm1_context.linear.{p}")
-            out[f"{c}adaLN_modulation.1.{p}"] = _swap_halves(ctx_ada) if last else ctx_ada
-            out[f"{x}mlp.fc1.{p}"] = take(f"{d}ff.net.0.proj.{p}")
-            out[f"{x}mlp.fc2.{p}"] = take(f"{d}ff.net.2.{p}")
-            if not last:
-                out[f"{c}mlp.fc1.{p}"] = take(f"{d}ff_context.net.0.proj.{p}")
-                out[f"{c}mlp.fc2.{p}"] = take(f"{d}ff_context.net.2.{p}")
-        if f"{d}attn.norm_q.weight" in src:
-            out[f"{x}attn.ln_q.weight"] = take(f"{d}attn.norm_q.weight")
-            out[f"{x}attn.ln_k.weight"] = take(f"{d}attn.norm_k.weight")
-            out[f"{c}attn.ln_q.weight"] = take(f"{d}attn.norm_added_q.weight")
-            out[f"{c}attn.ln_k.weight"] = take(f"{d}attn.norm_added_k.weight")
-        if f"{d}attn2.to_q.weight" in src:
-            for p in ("weight", "bias"):
-                out[f"{x}attn2.qkv.{p}"] = cat(f"{d}attn2.to_q.{p}", f"{d}attn2.to_k.{p}", f"{d}attn2.to_v.{p}")
-                out[f"{x}attn2.proj.{p}"] = take(f"{d}attn2.to_out.0.{p}")
-            if f"{d}attn2.norm_q.weight" in src:
-                out[f"{x}attn2.ln_q.weight"] = take(f"{d}attn2.norm_q.weight")
-                out[f"{x}attn2.ln_k.weight"] = take(f"{d}attn2.norm_k.weight")
-    if src:
-        raise ValueError(f"Unmapped transformer tensors: {sorted(src)[:5]}")
-    return out
-
-
-_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-
-
-def diffusers_to_ldm_vae(sd: dict, num_blocks: int) -> dict:
-    """An AutoencoderKL state dict in the ldm layout (without the prefix).
-
-    The exact inverse of ``diffusers.loaders.single_file_utils.convert_ldm_vae_checkpoint``
-    (attention projections as 1×1 convs, as in the original checkpoints).
-    """
-    out = {}
-    for k, v in sd.items():
-        m = re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", k)
-        if m:
-            out[f"encoder.down.{m[1]}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"] = v
-            continue
-        m = re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(weight|bias)", k)
-        if m:
-            out[f"encoder.down.{m[1]}.downsample.conv.{m[2]}"] = v
-            continue
-        m = re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", k)
-        if m:
-            b = num_blocks - 1 - int(m[1])
-            out[f"decoder.up.{b}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"] = v
-            continue
-        m = re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(weight|bias)", k)
-        if m:
-            out[f"decoder.up.{num_blocks - 1 - int(m[1])}.upsample.conv.{m[2]}"] = v
-            continue
-        m = re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", k)
-        if m:
-            out[f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"] = v
-            continue
-        m = re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(weight|bias)", k)
-        if m:
-            name = _VAE_ATTN[m[2]]
-            if m[3] == "weight" and name != "norm" and v.ndim == 2:
-                v = v[:, :, None, None]  # linear → 1×1 conv
-            out[f"{m[1]}.mid.attn_1.{name}.{m[3]}"] = v
-            continue
-        m = re.fullmatch(r"(encoder|decoder)\.conv_norm_out\.(weight|bias)", k)
-        if m:
-            out[f"{m[1]}.norm_out.{m[2]}"] = v
-            continue
-        if re.fullmatch(r"((encoder|decoder)\.conv_(in|out)|quant_conv|post_quant_conv)\.(weight|bias)", k):
-            out[k] = v
-            continue
-        raise ValueError(f"Unmapped VAE tensor: {k}")
-    return out
-
-
-def _folder_weights(sub: Path) -> dict:
-    """All tensors of a diffusers/transformers component folder (single or sharded safetensors)."""
-    from safetensors.torch import load_file
-
-    for index in sorted(sub.glob("*.safetensors.index.json")):
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        out = {}
-        for f in files:
-            out.update(load_file(str(sub / f)))
-        return out
-    files = sorted(sub.glob("*.safetensors"))
-    if len(files) != 1:
-        raise ModelError(f"Expected one .safetensors file in {sub}, found {len(files)}.")
-    return load_file(str(files[0]))
-
-
-def _save(tensors: dict, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().clone().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
-
-
-def export_official_layout(
-    diffusers_folder: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    variant: str | None = None,
-    *,
-    dtype=None,
-    include_vae: bool = True,
-) -> Path:
-    """Write a diffusers SD3 folder in the official single-file release layout; returns the file.
-
-    ``out_dir/<single_file name>`` holds the transformer (SAI keys, ``model.diffusion_model.``)
-    and — unless ``include_vae=False`` — the VAE (ldm keys, ``first_stage_model.``), in ``dtype``
-    (None keeps the folder's dtype). ``out_dir/text_encoders/`` gets clip_l and clip_g (fp16),
-    t5xxl_fp16 and t5xxl_fp8_e4m3fn (matrices in float8_e4m3fn, vectors in fp16).
-    """
-    import torch
-
-    folder = Path(diffusers_folder)
-    out = Path(out_dir)
-    if variant is None:
-        from .tiny import tiny_variant_of
-
-        variant = tiny_variant_of(folder)
-        if variant is None:
-            guess = variant_for_transformer_config(json.loads((folder / "transformer" / "config.json").read_text()))
-            variant = guess.name if guess else "sd3.5-medium"
-    name = get_variant(variant).single_file
-
-    def cast(sd, dt):
-        return {k: (v.to(dt) if dt is not None and v.is_floating_point() else v) for k, v in sd.items()}
-
-    tcfg = json.loads((folder / "transformer" / "config.json").read_text())
-    sai = diffusers_to_sai_transformer(_folder_weights(folder / "transformer"), tcfg.get("num_layers"))
-    tensors = {SAI_PREFIX + k: v for k, v in sai.items()}
-    if include_vae:
-        vcfg = json.loads((folder / "vae" / "config.json").read_text())
-        ldm = diffusers_to_ldm_vae(_folder_weights(folder / "vae"), len(vcfg["block_out_channels"]))
-        tensors.update({VAE_PREFIX + k: v for k, v in ldm.items()})
-    file = out / name
-    _save(cast(tensors, dtype), file)
-
-    te = out / TEXT_ENCODER_DIR
-    _save(cast(_folder_weights(folder / "text_encoder"), torch.float16), te / "clip_l.safetensors")
-    _save(cast(_folder_weights(folder / "text_encoder_2"), torch.float16), te / "clip_g.safetensors")
-    t5 = _folder_weights(folder / "text_encoder_3")
-    _save(cast(t5, torch.float16), te / "t5xxl_fp16.safetensors")
-    fp8 = {
-        k: v.to(torch.float8_e4m3fn if v.ndim >= 2 else torch.float16) if v.is_floating_point() else v
-        for k, v in t5.items()
-    }
-    _save(fp8, te / "t5xxl_fp8_e4m3fn.safetensors")
-    return file

@@ -19,13 +19,11 @@ import os
 import tempfile
 from pathlib import Path
 
+from studio.config import on_space  # noqa: F401 — part of this module's interface
+
 GENERATE_S = int(os.environ.get("SD35_STUDIO_GPU_DURATION", "120"))  # ZeroGPU seconds per call
 LOAD_S = int(os.environ.get("SD35_STUDIO_LOAD_DURATION", "180"))
 TRUE = ("1", "true", "yes", "on")
-
-
-def on_space() -> bool:
-    return bool(os.environ.get("SPACE_ID"))
 
 
 def demo_requested() -> bool:
@@ -73,7 +71,7 @@ def space_data_dir(persistent: str | os.PathLike = "/data") -> Path:
 
 def space_config():
     """The StudioConfig of a Space run (``SD35_STUDIO_DATA_DIR`` still wins for the data dir)."""
-    from .config import StudioConfig
+    from studio.config import StudioConfig
 
     data_dir = os.environ.get("SD35_STUDIO_DATA_DIR") or space_data_dir()
     return StudioConfig(
@@ -88,14 +86,15 @@ def build_space(config=None):
     """(studio, demo, launch kwargs) for a Space run; nothing is loaded or generated yet."""
     from types import SimpleNamespace
 
-    from .server import install_logging, launch_kwargs
-    from .services import Studio
-    from .ui.app import build_app, launch_options
+    from studio.app.server import launch_kwargs
+    from studio.logs import install_logging
+    from studio.service import Studio
+    from studio.ui.app import build_app, launch_options
 
     install_logging()
     config = config or space_config()
-    studio = Studio(config)
-    studio.shared = True
+    studio = Studio(config, shared=True)
+    studio.start()
     demo = build_app(studio)
     demo.queue(default_concurrency_limit=1, max_size=64)
     kwargs = launch_kwargs(config, SimpleNamespace())  # no share link, no auth (Space settings decide)
@@ -105,9 +104,10 @@ def build_space(config=None):
 
 def main() -> None:
     """Entry of ``app.py``."""
-    from .cli import quiet_libraries
-    from .server import install_logging, launch
+    from studio.app.server import launch
+    from studio.logs import install_logging, quiet_libraries, redact_streams
 
+    redact_streams()
     if os.environ.get("SD35_STUDIO_OFFLINE", "").strip().lower() in TRUE:
         os.environ["HF_HUB_OFFLINE"] = "1"
     quiet_libraries()

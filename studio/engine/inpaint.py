@@ -8,47 +8,31 @@
   model works near its native pixel count.
 * :func:`paste_back` — the repainted box, resized back, composited over the source through the
   blurred mask: pixels away from the mask are the source's, exactly.
-* :class:`MaskStore` — masks by content (``<data-dir>/masks/<sha256>.png``). An image's metadata
-  carries ``mask_sha256``, so the mask of any gallery image is found from its id (id → metadata →
-  sha → file), and one mask used for a batch is stored once.
+Masks are stored by content in ``studio.blobs`` (``<data-dir>/masks/<sha256>.png``).
 
-No torch, no Gradio: PIL only.
+No torch, no Gradio: PIL only. Every image that comes in goes through
+``studio.engine.images.open_image`` (header checked before decoding).
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from PIL import Image, ImageChops, ImageFilter, ImageOps
 
-from .files import atomic_write
-
-MAX_MASK_BLUR = 64
-MAX_PADDING = 512
-_SHA = re.compile(r"^[0-9a-f]{64}$")
+from studio.engine.images import open_image
+from studio.engine.limits import snap
 
 
 class MaskError(ValueError):
     pass
 
 
-def _open(value) -> Image.Image | None:
-    if value is None:
+def _open(value, field: str) -> Image.Image | None:
+    if value is None or (isinstance(value, dict) and not (value.get("path") or value.get("name"))):
         return None
-    if isinstance(value, Image.Image):
-        return value
-    if isinstance(value, dict):  # gradio FileData-like
-        value = value.get("path") or value.get("name")
-        if value is None:
-            return None
-    from .engine import open_image  # size limits before decoding
-
-    return open_image(str(value))
+    return open_image(value, field)
 
 
 def mask_from_editor(value) -> tuple[Image.Image | None, Image.Image | None]:
@@ -58,17 +42,17 @@ def mask_from_editor(value) -> tuple[Image.Image | None, Image.Image | None]:
     Returns (None, None) when the editor is empty.
     """
     if not isinstance(value, dict):
-        return _open(value), None
-    background = _open(value.get("background"))
+        return _open(value, "init_image"), None
+    background = _open(value.get("background"), "init_image")
     mask = None
     for layer in value.get("layers") or []:
-        layer = _open(layer)
+        layer = _open(layer, "mask_image")
         if layer is None:
             continue
         alpha = layer.getchannel("A") if "A" in layer.getbands() else layer.convert("L")
         mask = alpha if mask is None else ImageChops.lighter(mask, alpha.resize(mask.size))
     if background is None:
-        background = _open(value.get("composite"))
+        background = _open(value.get("composite"), "init_image")
     return background, mask
 
 
@@ -79,7 +63,7 @@ def normalize_mask(mask, size: tuple[int, int]) -> tuple[Image.Image, list[str]]
     Grey values are kept (soft masks). Raises MaskError when the mask is empty.
     """
     notes: list[str] = []
-    mask = _open(mask)
+    mask = _open(mask, "mask_image")
     if getattr(mask, "is_animated", False):
         mask.seek(0)
     mask = ImageOps.exif_transpose(mask)
@@ -110,16 +94,12 @@ class Plan:
     size: tuple[int, int]  # (width, height) the model works at, multiples of 16
 
 
-def _snap(v: float, multiple: int = 16) -> int:
-    return max(multiple, int(round(v / multiple)) * multiple)
-
-
 def work_size(w: int, h: int, target_pixels: int, min_side: int, max_side: int) -> tuple[int, int]:
     """A size near ``target_pixels`` with the aspect of w×h, sides within the limits, snapped to 16."""
     scale = math.sqrt(target_pixels / (w * h))
     scale = min(scale, max_side / max(w, h))
     scale = max(scale, min_side / min(w, h))
-    return (min(max_side, _snap(w * scale)), min(max_side, _snap(h * scale)))
+    return (min(max_side, snap(w * scale)), min(max_side, snap(h * scale)))
 
 
 def plan(mask: Image.Image, only_masked: bool, padding: int, target_pixels: int,
@@ -169,43 +149,17 @@ def paste_back(source: Image.Image, result: Image.Image, soft_mask: Image.Image,
     return out
 
 
-def mask_sha256(mask: Image.Image) -> str:
-    """The content hash of a mask: of its PNG-independent pixels (mode, size, bytes)."""
-    h = hashlib.sha256(f"{mask.mode}:{mask.size[0]}x{mask.size[1]}:".encode())
-    h.update(mask.tobytes())
-    return h.hexdigest()
-
-
-class MaskStore:
-    """Masks by content hash under one folder (written atomically, once)."""
-
-    def __init__(self, folder: str | os.PathLike):
-        self.folder = Path(folder)
-
-    def path(self, sha: str) -> Path | None:
-        if not isinstance(sha, str) or not _SHA.match(sha):
-            return None
-        p = self.folder / f"{sha}.png"
-        return p if p.is_file() else None
-
-    def put(self, mask: Image.Image) -> str:
-        sha = mask_sha256(mask)
-        if self.path(sha) is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.folder / f"{sha}.png", lambda f: mask.save(f, format="PNG"))
-        return sha
-
-    def get(self, sha: str) -> Image.Image | None:
-        p = self.path(sha)
-        if p is None:
-            return None
-        with Image.open(p) as im:
-            im.load()
-            return im.copy()
-
-    def for_image(self, gallery, image_id: str, owner: str | None = None) -> Path | None:
-        """The mask file of a gallery image (by id; None when it has none or is not visible)."""
-        item = gallery.get(image_id, owner=owner)
-        if item is None:
-            return None
-        return self.path((item.metadata or {}).get("mask_sha256"))
+def editor_value(image, mask=None) -> dict:
+    """An ImageEditor value showing ``image`` with ``mask`` painted over it (white strokes where
+    the mask is white): what "reuse parameters" puts back into the Inpaint tab. Both are files
+    (stored inputs); they are opened with the header check."""
+    background = open_image(image, "init_image").convert("RGBA")
+    layers = []
+    if mask is not None:
+        m = open_image(mask, "mask_image").convert("L")
+        if m.size != background.size:
+            m = m.resize(background.size, Image.Resampling.BILINEAR)
+        layer = Image.new("RGBA", background.size, (255, 255, 255, 0))
+        layer.putalpha(m)
+        layers.append(layer)
+    return {"background": background, "layers": layers, "composite": None}

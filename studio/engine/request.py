@@ -1,0 +1,221 @@
+"""What a generation is asked for and what it gives back.
+
+``GenerationRequest`` is the one input of ``Engine.generate``; :func:`build_request` is the one
+way to make it from a dict of fields — UI values, API parameters, CLI flags, or the metadata of a
+gallery image ("reuse parameters") — so defaults are filled in exactly one place (from
+``studio.engine.limits``) and values are passed on as they came, for the engine to check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from studio.engine.limits import IMAGE_MODES, LIMITS, default
+from studio.errors import ValidationError
+from studio.metadata.loras import parse_selection
+
+
+@dataclass
+class GenerationRequest:
+    """One generation: every field a tab, the API or the CLI can set. None = the default."""
+
+    prompt: str
+    negative_prompt: str = ""
+    mode: str = "txt2img"  # see limits.MODES
+    width: int | None = None  # None: the model's native size (img2img: the init image's)
+    height: int | None = None
+    steps: int | None = None  # None: the variant's recommended value
+    guidance: float | None = None
+    seed: int = -1  # -1: random; the seed used is reported
+    batch_count: int = 1  # how many times to run
+    batch_size: int = 1  # images per run
+    strength: float | None = None  # img2img and inpaint; None: the mode's default
+    init_image: object | None = None  # a path (preferred: checked before decoding), bytes or PIL image
+    mask_image: object | None = None  # inpaint: white (or painted alpha) = repaint
+    mask_blur: int = 4  # inpaint: feathering (px) of the paste-back
+    only_masked: bool = False  # inpaint: repaint only the mask's box (+ padding) at full resolution
+    padding: int = 32  # inpaint, only_masked: context (px) around the mask's box
+    loras: list = field(default_factory=list)  # [(name, weight)]: the LoRAs in <data-dir>/loras
+    slg: bool | None = None  # Skip Layer Guidance; None: the variant's advice
+    max_sequence_length: int = 256  # T5 tokens
+    shift: float | None = None  # scheduler shift; None: the model's (3.0)
+    variant: str | None = None  # None: the loaded model (turbo mode: Large Turbo)
+
+
+REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest))
+_SLG = {"auto": None, "on": True, "off": False, "true": True, "false": False}
+
+
+
+def build_request(fields: Mapping, mode: str | None = None) -> GenerationRequest:
+    """The request for a dict of fields (unknown keys are ignored; missing or None ones default).
+
+    Defaults come from the limits table for the mode (strength 0.6 for img2img, 0.85 for
+    inpaint, …). Numbers are passed on as they came — ``steps=1.5`` or ``width="abc"`` reach
+    :func:`studio.engine.validate`, which refuses them naming the field — so no value is ever
+    rounded or coerced here. ``slg`` takes auto/on/off or a bool; ``loras`` takes the text form
+    (``name:0.8, other`` or ``<lora:name:0.8>``) or [(name, weight)] pairs.
+    """
+    mode = mode or fields.get("mode") or "txt2img"
+    values: dict = {"mode": mode}
+    for name in REQUEST_FIELDS:
+        if name == "mode" or name not in fields:
+            continue
+        value = fields[name]
+        if value is None or (isinstance(value, str) and value == "" and name not in ("prompt", "negative_prompt")):
+            continue
+        values[name] = value
+    for name in ("prompt", "negative_prompt"):
+        values[name] = "" if values.get(name) is None else values[name]
+    for name, lim in LIMITS.items():
+        if name in REQUEST_FIELDS and name not in values and lim.default_for(mode) is not None:
+            values[name] = lim.default_for(mode)
+    if "slg" in values and isinstance(values["slg"], str):
+        key = values["slg"].strip().lower()
+        if key not in _SLG:
+            raise ValidationError(f"Skip Layer Guidance is {values['slg']!r}; use auto, on or off.", "slg")
+        values["slg"] = _SLG[key]
+    if "loras" in values:
+        try:
+            values["loras"] = parse_selection(values["loras"])
+        except ValueError as e:
+            raise ValidationError(str(e), "loras") from None
+    if "only_masked" in values:
+        values["only_masked"] = bool(values["only_masked"])
+    return GenerationRequest(**values)
+
+
+def strength_default(mode: str) -> float:
+    return default("strength", mode)
+
+
+@dataclass
+class Resolved:
+    """A validated request with every default filled in."""
+
+    request: GenerationRequest
+    variant: object  # catalog.Variant
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seed: int
+    slg: dict | None
+    shift: float
+    init_image: object | None
+    notes: list[str] = field(default_factory=list)
+    mask: object | None = None  # inpaint: L mask at the init image's size
+    inpaint_plan: object | None = None  # inpaint.Plan: the box repainted and the working size
+    loras: list = field(default_factory=list)  # [(name, weight)] validated; [(LoraInfo, weight)] after prepare
+
+    @property
+    def effective_steps(self) -> int:
+        if self.request.mode not in IMAGE_MODES:
+            return self.steps
+        return self.steps - int(max(self.steps - self.steps * self.request.strength, 0))
+
+
+@dataclass
+class GeneratedImage:
+    """One finished image, its seed and its metadata; ``saving`` is the gallery's background save."""
+
+    image: object  # PIL.Image
+    seed: int
+    metadata: dict
+    saving: object | None = None  # Future of the GalleryImage while the gallery writes it
+
+    @property
+    def saved(self):
+        """The gallery record (waits for the background save; raises GalleryError if it failed)."""
+        return self.saving.result() if self.saving is not None else None
+
+    @property
+    def path(self) -> str | None:
+        """The saved PNG, when saved to the gallery."""
+        saved = self.saved
+        return str(saved.path) if saved is not None else None
+
+    @property
+    def id(self) -> str | None:
+        """The gallery id, when saved to the gallery."""
+        saved = self.saved
+        return saved.id if saved is not None else None
+
+
+@dataclass
+class GenerationResult:
+    """What ``Engine.generate`` returns: the images (possibly fewer when cancelled) and notes."""
+
+    images: list[GeneratedImage]
+    seed: int  # the first seed used
+    notes: list[str]
+    cancelled: bool = False
+    timings: dict = field(default_factory=dict)
+
+    def wait_saved(self) -> list:
+        """Wait until every image is in the gallery; returns their records.
+
+        Every pending save is waited for before the first failure (GalleryError) is raised, so
+        nothing is still being written when the caller reports the error.
+        """
+        from concurrent.futures import wait
+
+        pending = [i.saving for i in self.images if i.saving is not None]
+        wait(pending)
+        return [i.saved for i in self.images if i.saving is not None]
+
+    @property
+    def info(self) -> str:
+        """A short human summary: seed, size, notes."""
+        if not self.images:
+            return "Cancelled before any image finished." if self.cancelled else "No images."
+        m = self.images[0].metadata
+        lines = [
+            f"{len(self.images)} image(s), {m['width']}×{m['height']}, {m['steps']} steps, "
+            f"CFG {m['guidance']}, seed {self.seed}, {m['model']}, {self.timings.get('total_s', 0):.1f}s"
+        ]
+        if self.cancelled:
+            lines.append("Cancelled: the finished images were kept.")
+        lines += self.notes
+        return "\n".join(lines)
+
+
+@dataclass
+class ProgressEvent:
+    """One denoising step done (the engine calls ``on_progress`` with it)."""
+
+    step: int  # steps done in this run (1-based)
+    steps: int  # steps in this run
+    run: int  # 0-based run index (batch_count)
+    runs: int
+    latents: object | None = None  # torch tensor (for previews)
+    elapsed_s: float = 0.0
+
+    @property
+    def fraction(self) -> float:
+        return (self.run + self.step / max(self.steps, 1)) / max(self.runs, 1)
+
+    @property
+    def eta_s(self) -> float | None:
+        f = self.fraction
+        return self.elapsed_s * (1 - f) / f if f > 0 else None
+
+
+class CancelToken:
+    """Set from any thread; the engine stops between denoising steps and keeps finished images."""
+
+    def __init__(self):
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    def reset(self) -> None:
+        self._event.clear()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()

@@ -1,0 +1,279 @@
+"""``validate``: a request checked against the limits table and the loaded model, defaults filled.
+
+Everything a request can get wrong is refused here, once, with a message that names the field,
+the allowed range and the fix; what is safely adjusted (a size snapped to 16, SLG left off where
+it cannot run) is said in ``notes``. Nothing here is silently rounded: ``steps=1.5`` is refused,
+and so is ``width="abc"``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import secrets
+from dataclasses import replace
+
+from studio.catalog import MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE, Variant
+from studio.engine.images import normalize_init_image
+from studio.engine.limits import (
+    IMAGE_MODES,
+    LIMITS,
+    MAX_IMAGES,
+    MAX_LORAS,
+    MAX_PROMPT_CHARS,
+    MODES,
+    RANDOM_SEED_MAX,
+    snap,
+)
+from studio.engine.request import GenerationRequest, Resolved
+from studio.errors import ValidationError
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return f"{value:,}" if abs(value) >= 10**6 else str(value)
+
+
+def check_number(name: str, value, lo=None, hi=None, label: str | None = None, integer: bool | None = None):
+    """``value`` as a number within [lo, hi] (defaults: the limits table's entry for ``name``).
+
+    Refuses text, lists, booleans, NaN/inf, fractions where a whole number is needed and values
+    out of range — each with the field's name and range. Never rounds."""
+    lim = LIMITS.get(name)
+    lo = lim.lo if lo is None else lo
+    hi = lim.hi if hi is None else hi
+    label = label or (lim.label if lim else name)
+    integer = lim.integer if integer is None else integer
+    rng = f"between {_fmt(lo)} and {_fmt(hi)}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        shown = repr(value) if not isinstance(value, (list, dict, tuple)) or len(repr(value)) < 60 else \
+            type(value).__name__
+        raise ValidationError(f"{label} must be a number {rng}, not {shown}.", name)
+    if isinstance(value, numbers.Integral):
+        number = int(value)
+    else:
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValidationError(f"{label} must be a finite number {rng}.", name)
+        if integer:
+            if number != int(number):
+                raise ValidationError(f"{label} must be a whole number {rng}, not {value:g}.", name)
+            number = int(number)
+    if not lo <= number <= hi:
+        shown = _fmt(number) if isinstance(number, float) or abs(number) < 10**30 else "far out of range"
+        raise ValidationError(f"{label} is {shown}; it must be {rng}.", name)
+    return int(number) if integer else float(number)
+
+
+def _check_text(req: GenerationRequest, name: str) -> GenerationRequest:
+    text = getattr(req, name)
+    if text is None:
+        return replace(req, **{name: ""})
+    if not isinstance(text, str):
+        raise ValidationError(f"The {name.replace('_', ' ')} must be text.", name)
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ValidationError(
+            f"The {name.replace('_', ' ')} is {len(text):,} characters; the limit is "
+            f"{MAX_PROMPT_CHARS:,}. The text encoders read at most 77 (CLIP) and 512 (T5) tokens anyway.",
+            name,
+        )
+    return req
+
+
+def check_loras(loras) -> list[tuple[str, float]]:
+    """The request's LoRA selection as [(name, weight)]: names once each, weights in range."""
+    from studio.models.lora import NAME_RE
+
+    if loras is None:
+        return []
+    if not isinstance(loras, (list, tuple)):
+        raise ValidationError("LoRAs must be a list of (name, weight) pairs.", "loras")
+    if len(loras) > MAX_LORAS:
+        raise ValidationError(f"{len(loras)} LoRAs selected; the limit is {MAX_LORAS}.", "loras")
+    out: list[tuple[str, float]] = []
+    for item in loras:
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise ValidationError(f"LoRA entry {item!r} is not a (name, weight) pair.", "loras")
+        name, weight = item
+        if not isinstance(name, str) or not NAME_RE.match(name.strip()):
+            raise ValidationError(f"{str(name)[:60]!r} is not a LoRA name (the file name without .safetensors).",
+                                  "loras")
+        w = check_number("loras", weight, LIMITS["lora_weight"].lo, LIMITS["lora_weight"].hi,
+                         f"The weight of LoRA {name.strip()!r}", integer=False)
+        if any(n == name.strip() for n, _ in out):
+            raise ValidationError(f"LoRA {name.strip()!r} is selected twice; select it once.", "loras")
+        out.append((name.strip(), w))
+    return out
+
+
+def _check_mask(req: GenerationRequest, init_image, notes: list[str]):
+    """Inpaint: the mask at the image's size (L, white = repaint) and the padding."""
+    from studio.engine.inpaint import MaskError, normalize_mask
+
+    if req.mask_image is None:
+        raise ValidationError("Inpaint needs a mask: paint over the area to change, or upload a mask "
+                              "(white = change, black = keep).", "mask_image")
+    padding = check_number("padding", req.padding)
+    try:
+        mask, mask_notes = normalize_mask(req.mask_image, init_image.size)
+    except MaskError as e:
+        raise ValidationError(str(e), "mask_image") from None
+    notes += mask_notes
+    return mask, padding
+
+
+def _check_strength(req: GenerationRequest, steps: int) -> float:
+    strength = check_number("strength", req.strength)
+    if strength <= 0:
+        raise ValidationError(
+            "Strength 0 would return the init image unchanged; use a value above 0 "
+            "(0.3–0.5 keeps the composition, 0.7–0.9 repaints most of it).",
+            "strength",
+        )
+    if steps * strength < 1:
+        need_strength = math.ceil(100 / steps) / 100
+        raise ValidationError(
+            f"img2img runs about steps × strength denoising steps: {steps} × {strength:g} = "
+            f"{steps * strength:.2f}, less than one step. Raise the strength to at least "
+            f"{need_strength:g} or the steps to at least {math.ceil(1 / strength)}.",
+            "strength",
+        )
+    return strength
+
+
+def _size(name: str, value, limit: int, notes: list[str]) -> int:
+    label = name.capitalize()
+    rng = f"use {MIN_SIDE}–{limit} pixels (a multiple of {SIZE_MULTIPLE})"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValidationError(f"{label} must be a number: {rng}, not {str(value)[:40]!r}.", name)
+    if not math.isfinite(float(value)) or abs(float(value)) > 1e9:
+        raise ValidationError(f"{label} is out of range: {rng}.", name)
+    snapped = snap(value)
+    if snapped < MIN_SIDE or snapped > limit:
+        raise ValidationError(f"{label} {float(value):g} is out of range: {rng}.", name)
+    if snapped != value:
+        notes.append(f"{label} {float(value):g} was snapped to {snapped} (SD3 needs multiples of {SIZE_MULTIPLE}).")
+    return snapped
+
+
+def validate(req: GenerationRequest, variant: Variant, max_side: int = MAX_SIDE,
+             native_size: tuple[int, int] = (1024, 1024), images: bool = True) -> Resolved:
+    """Check a request against a variant and the loaded model's limits; fill in defaults.
+
+    Raises ValidationError with a message that names the allowed range or the fix. Adjustments
+    that are safe (sizes snapped to 16, SLG off where it cannot run) are made and reported in
+    ``notes``. ``images=False`` checks everything but the image inputs (a quick check before a
+    model is loaded: the CLI and the service refuse a bad width before spending seconds loading).
+    """
+    notes: list[str] = []
+    if req.mode not in MODES:
+        raise ValidationError(f"Unknown mode {str(req.mode)[:40]!r}; use one of {', '.join(MODES)}.", "mode")
+    for name in ("prompt", "negative_prompt"):
+        req = _check_text(req, name)
+    if not req.prompt.strip():
+        notes.append("The prompt is empty: the image is not conditioned on any text.")
+
+    steps = variant.steps if req.steps is None else check_number("steps", req.steps)
+    guidance = variant.guidance if req.guidance is None else check_number("guidance", req.guidance)
+    seed = check_number("seed", req.seed)
+    if seed == -1:
+        seed = secrets.randbelow(RANDOM_SEED_MAX + 1)
+    batch_size = check_number("batch_size", req.batch_size)
+    batch_count = check_number("batch_count", req.batch_count)
+    if batch_size * batch_count > MAX_IMAGES:
+        raise ValidationError(
+            f"{batch_count} runs × {batch_size} images = {batch_size * batch_count} images; the limit "
+            f"is {MAX_IMAGES} per request.",
+            "batch_count",
+        )
+    last_seed = seed + batch_size * batch_count - 1
+    if last_seed > LIMITS["seed"].hi:
+        raise ValidationError(
+            f"Seed {seed:,} + {batch_size * batch_count - 1} more images would pass the largest seed "
+            f"({LIMITS['seed'].hi:,}); use a seed of at most {LIMITS['seed'].hi - batch_size * batch_count + 1:,}.",
+            "seed",
+        )
+    msl = check_number("max_sequence_length", req.max_sequence_length)
+    if msl > variant.max_sequence_length_warn:
+        notes.append(
+            f"{variant.label} shows edge artefacts past {variant.max_sequence_length_warn} T5 tokens; "
+            f"you asked for {msl}."
+        )
+    shift = LIMITS["shift"].default if req.shift is None else check_number("shift", req.shift)
+    loras = check_loras(req.loras)
+
+    limit = min(max_side, MAX_SIDE)
+    strength = None
+    if req.mode in IMAGE_MODES:
+        strength = _check_strength(replace(req, strength=LIMITS["strength"].default_for(req.mode)
+                                           if req.strength is None else req.strength), steps)
+        if req.mode == "inpaint":
+            check_number("mask_blur", req.mask_blur)
+            check_number("padding", req.padding)
+    init_image = mask = padding = None
+    if req.mode in IMAGE_MODES and images:
+        if req.init_image is None:
+            if req.mode == "inpaint":
+                raise ValidationError("Inpaint needs an image: upload one, then paint the area to change.",
+                                      "init_image")
+            raise ValidationError("img2img needs an init image: upload or paste one.", "init_image")
+        init_image = normalize_init_image(req.init_image)
+        if req.mode == "inpaint":
+            mask, padding = _check_mask(req, init_image, notes)
+
+    # Size: default to the model's native size (img2img: the init image's, brought within the
+    # model's limits), then snap to 16 and bound.
+    width, height = req.width, req.height
+    if mask is not None and req.only_masked and (width is None or height is None):
+        from studio.engine.inpaint import plan
+
+        box = plan(mask, True, padding, native_size[0] * native_size[1], MIN_SIDE, limit)
+        width = box.size[0] if width is None else width
+        height = box.size[1] if height is None else height
+    if init_image is not None and (width is None or height is None):
+        w0, h0 = init_image.size
+        scale = min(1.0, math.sqrt(variant.max_pixels / (w0 * h0)), limit / max(w0, h0))
+        scale = max(scale, MIN_SIDE / min(w0, h0))
+        width = w0 * scale if width is None else width
+        height = h0 * scale if height is None else height
+    width = native_size[0] if width is None else width
+    height = native_size[1] if height is None else height
+    width, height = _size("width", width, limit, notes), _size("height", height, limit, notes)
+    pixels = width * height
+    if not variant.min_pixels <= pixels <= variant.max_pixels and native_size[0] >= 512:
+        notes.append(
+            f"{width}×{height} is outside the range {variant.label} was trained for "
+            f"(about {variant.min_pixels / 1e6:.2f}–{variant.max_pixels / 1e6:.1f} MP); expect weaker images."
+        )
+
+    slg = None
+    want_slg = variant.slg.recommended if req.slg is None else bool(req.slg)
+    if want_slg:
+        if req.mode != "txt2img":
+            if req.slg:
+                notes.append("Skip Layer Guidance runs in txt2img only; it was left off.")
+        elif guidance <= 1.0:
+            if req.slg:
+                notes.append("Skip Layer Guidance needs CFG (guidance above 1); it was left off.")
+        else:
+            a = variant.slg
+            slg = {"layers": list(a.layers), "scale": a.scale, "start": a.start, "stop": a.stop}
+            if not a.recommended:
+                notes.append(a.note)
+    if variant.distilled and req.negative_prompt.strip() and guidance <= 1.0:
+        notes.append(f"{variant.label} runs without CFG: the negative prompt has no effect.")
+    if req.mode == "turbo" and steps > 8:
+        notes.append(f"Turbo is distilled for about 4 steps; {steps} steps cost time and rarely help.")
+
+    inpaint_plan = None
+    if mask is not None:
+        from studio.engine.inpaint import plan
+
+        inpaint_plan = plan(mask, bool(req.only_masked), padding, 0, MIN_SIDE, limit, size=(width, height))
+    # From here on (the pipeline loop, the metadata) the request carries the checked numbers:
+    # batch_count=2.0 or strength="0.5" passed validation and must not reach range() or the pipeline.
+    req = replace(req, batch_size=batch_size, batch_count=batch_count, max_sequence_length=msl,
+                  **({"strength": strength} if strength is not None else {}))
+    return Resolved(req, variant, width, height, steps, guidance, seed, slg, shift, init_image, notes,
+                    mask=mask, inpaint_plan=inpaint_plan, loras=loras)

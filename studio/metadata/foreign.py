@@ -1,0 +1,307 @@
+"""Foreign metadata: InvokeAI's ``invokeai_metadata`` and ComfyUI's ``prompt`` / ``workflow``
+graphs, read into studio field names. Bounded (node counts, link depth) and never trusting:
+whatever comes out is cleaned by the schema before anyone uses it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from studio.metadata.infotext import guess_variant
+
+# --- InvokeAI ---------------------------------------------------------------------------------
+
+
+def invokeai_fields(data: dict) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for src, dst, kind in (
+        ("positive_prompt", "prompt", str),
+        ("negative_prompt", "negative_prompt", str),
+        ("seed", "seed", int),
+        ("steps", "steps", int),
+        ("cfg_scale", "guidance", float),
+        ("width", "width", int),
+        ("height", "height", int),
+        ("scheduler", "scheduler", str),
+        ("strength", "strength", float),
+    ):
+        if data.get(src) is not None:
+            try:
+                fields[dst] = kind(data[src])
+            except (TypeError, ValueError, OverflowError):
+                pass
+    model = data.get("model")
+    name = None
+    if isinstance(model, dict):
+        name = model.get("name") or model.get("model_name") or model.get("key")
+    elif isinstance(model, str):
+        name = model
+    if name:
+        fields["model"] = str(name)
+        if v := guess_variant(str(name)):
+            fields["variant"] = v
+    mode = str(data.get("generation_mode") or "")
+    if "img2img" in mode or fields.get("strength") is not None and "txt2img" not in mode:
+        fields["mode"] = "img2img"
+    elif mode:
+        fields["mode"] = "txt2img"
+    return fields
+
+
+def invokeai_legacy_fields(data: dict) -> dict[str, Any]:
+    image = data.get("image") if isinstance(data.get("image"), dict) else {}
+    prompt = image.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+        prompt = prompt[0].get("prompt")
+    fields = invokeai_fields({
+        "positive_prompt": prompt if isinstance(prompt, str) else None,
+        "seed": image.get("seed"), "steps": image.get("steps"), "cfg_scale": image.get("cfg_scale"),
+        "width": image.get("width"), "height": image.get("height"),
+        "scheduler": image.get("sampler"), "model": data.get("model_weights"),
+    })
+    return fields
+
+
+# --- ComfyUI ----------------------------------------------------------------------------------
+
+_SAMPLERS = ("KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced")
+# widgets_values order of common nodes, to read a UI workflow when the API prompt is missing
+_WIDGETS = {
+    "KSampler": ["seed", None, "steps", "cfg", "sampler_name", "scheduler", "denoise"],
+    "KSamplerAdvanced": ["add_noise", "noise_seed", None, "steps", "cfg", "sampler_name",
+                         "scheduler", "start_at_step", "end_at_step", "return_with_leftover_noise"],
+    "CLIPTextEncode": ["text"],
+    "CLIPTextEncodeSD3": ["clip_l", "clip_g", "t5xxl", "empty_padding"],
+    "EmptyLatentImage": ["width", "height", "batch_size"],
+    "EmptySD3LatentImage": ["width", "height", "batch_size"],
+    "CheckpointLoaderSimple": ["ckpt_name"],
+    "UNETLoader": ["unet_name", "weight_dtype"],
+    "ModelSamplingSD3": ["shift"],
+    "LoraLoader": ["lora_name", "strength_model", "strength_clip"],
+    "RandomNoise": ["noise_seed", None],
+    "CFGGuider": ["cfg"],
+    "BasicScheduler": ["scheduler", "steps", "denoise"],
+    "KSamplerSelect": ["sampler_name"],
+    # comfy_extras/nodes_custom_sampler.py: add_noise, noise_seed (+ its control combo), cfg
+    "SamplerCustom": ["add_noise", "noise_seed", None, "cfg"],
+    "SamplerCustomAdvanced": [],
+    # comfy_extras/nodes_sd3.py / nodes_slg.py
+    "SkipLayerGuidanceSD3": ["layers", "scale", "start_percent", "end_percent"],
+    "SkipLayerGuidanceDiT": ["double_layers", "single_layers", "scale", "start_percent", "end_percent",
+                             "rescaling_scale"],
+    "TripleCLIPLoader": ["clip_name1", "clip_name2", "clip_name3"],
+}
+_MAX_NODES = 5000
+
+
+def _workflow_to_prompt(workflow: dict) -> dict[str, dict]:
+    """A ComfyUI UI workflow -> the API "prompt" shape, for the nodes we know."""
+    links = {}
+    for link in workflow.get("links") or []:
+        if isinstance(link, list) and len(link) >= 5:
+            links[link[0]] = [str(link[1]), link[2]]
+    graph: dict[str, dict] = {}
+    for node in (workflow.get("nodes") or [])[:_MAX_NODES]:
+        if not isinstance(node, dict):
+            continue
+        ctype = str(node.get("type", ""))
+        inputs: dict[str, Any] = {}
+        widgets = node.get("widgets_values")
+        if isinstance(widgets, list):
+            for name, value in zip(_WIDGETS.get(ctype, []), widgets):
+                if name:
+                    inputs[name] = value
+        for inp in node.get("inputs") or []:
+            if isinstance(inp, dict) and inp.get("link") in links:
+                inputs[str(inp.get("name"))] = links[inp["link"]]
+        graph[str(node.get("id"))] = {"class_type": ctype, "inputs": inputs}
+    return graph
+
+
+def _is_link(graph: dict, value: Any) -> bool:
+    return (isinstance(value, list) and len(value) == 2 and isinstance(value[1], int)
+            and str(value[0]) in graph)
+
+
+def _resolve(graph: dict, value: Any, depth: int = 0) -> Any:
+    """A widget value, following links to primitive nodes (Primitive, Int, String...)."""
+    if not _is_link(graph, value):
+        return value
+    if depth > 20:
+        return None
+    inputs = graph[str(value[0])].get("inputs") or {}
+    for name in ("value", "text", "string", "seed", "noise_seed", "int", "float", "number"):
+        if name in inputs:
+            return _resolve(graph, inputs[name], depth + 1)
+    return None
+
+
+def _upstream(graph: dict, start: Any, stop: Callable[[dict], bool], skip=("clip", "vae")):
+    """Nodes reachable upstream from a link, breadth first, not going past ``stop`` nodes."""
+    if not _is_link(graph, start):
+        return
+    queue, seen = [str(start[0])], set()
+    while queue and len(seen) < _MAX_NODES:
+        nid = queue.pop(0)
+        if nid in seen:
+            continue
+        seen.add(nid)
+        node = graph[nid]
+        yield node
+        if stop(node):
+            continue
+        for name, value in (node.get("inputs") or {}).items():
+            if name not in skip and _is_link(graph, value):
+                queue.append(str(value[0]))
+
+
+def _find_input(graph: dict, node: dict, names: tuple[str, ...], via: tuple[str, ...]) -> Any:
+    """An input of ``node`` or of the nodes linked from its ``via`` inputs (guider, sigmas...)."""
+    inputs = node.get("inputs") or {}
+    for name in names:
+        if name in inputs and not (_is_link(graph, inputs[name]) and _resolve(graph, inputs[name]) is None):
+            return _resolve(graph, inputs[name])
+    for v in via:
+        if _is_link(graph, inputs.get(v)):
+            found = _find_input(graph, graph[str(inputs[v][0])], names, ())
+            if found is not None:
+                return found
+    return None
+
+
+def _cond_text(graph: dict, link: Any) -> str | None:
+    def is_encoder(node: dict) -> bool:
+        return "CLIPTextEncode" in str(node.get("class_type")) or node.get("class_type") == "ConditioningZeroOut"
+
+    texts: list[str] = []
+    empty = False  # an encoder (or a zeroed conditioning) was found, with no text: the prompt is ""
+    for node in _upstream(graph, link, is_encoder):
+        ctype = str(node.get("class_type"))
+        if ctype == "ConditioningZeroOut":
+            empty = True
+            continue
+        if "CLIPTextEncode" not in ctype:
+            continue
+        inputs = node.get("inputs") or {}
+        # CLIPTextEncodeSD3 has one text per encoder; the studio has one prompt: T5's, else CLIP-G's...
+        for name in ("text", "t5xxl", "clip_g", "clip_l"):
+            text = _resolve(graph, inputs.get(name))
+            if isinstance(text, str) and text.strip():
+                texts.append(text)
+                break
+            if isinstance(text, str):
+                empty = True
+    if texts:
+        return "\n".join(dict.fromkeys(texts))
+    return "" if empty else None
+
+
+def _layers(value: Any) -> list[int] | None:
+    """ComfyUI's SLG layer list: the text "7, 8, 9" (it runs ``int()`` on each part)."""
+    if isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+        return value
+    if not isinstance(value, str):
+        return None
+    try:
+        return [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        return None
+
+
+def comfyui_fields(prompt_text: str | None, workflow_text: str | None) -> dict[str, Any]:
+    """Recover generation fields from ComfyUI's ``prompt`` (API graph) or ``workflow`` chunk."""
+    graph = None
+    if prompt_text:
+        data = json.loads(prompt_text)
+        if isinstance(data, dict) and all(isinstance(n, dict) for n in data.values()):
+            graph = {str(k): v for k, v in data.items()}
+    if graph is None and workflow_text:
+        data = json.loads(workflow_text)
+        if not isinstance(data, dict):
+            raise ValueError("the workflow is not a JSON object")
+        graph = _workflow_to_prompt(data)
+    if graph is None:
+        raise ValueError("no ComfyUI graph found")
+    samplers = [n for n in graph.values() if n.get("class_type") in _SAMPLERS]
+    if not samplers:
+        return {}
+
+    def starts_from_empty(node: dict) -> bool:
+        for n in _upstream(graph, (node.get("inputs") or {}).get("latent_image"), lambda _n: False):
+            if str(n.get("class_type", "")).startswith("Empty"):
+                return True
+        return False
+
+    sampler = next((s for s in samplers if starts_from_empty(s)), samplers[0])
+    fields: dict[str, Any] = {}
+    via = ("guider", "sigmas", "noise", "sampler")
+
+    def put(name: str, value: Any, kind: type) -> None:
+        if value is None or isinstance(value, (list, dict)):
+            return
+        try:
+            fields[name] = kind(value)
+        except (TypeError, ValueError, OverflowError):
+            pass
+
+    put("seed", _find_input(graph, sampler, ("seed", "noise_seed"), via), int)
+    put("steps", _find_input(graph, sampler, ("steps",), via), int)
+    put("guidance", _find_input(graph, sampler, ("cfg",), via), float)
+    put("sampler", _find_input(graph, sampler, ("sampler_name",), via), str)
+    put("scheduler", _find_input(graph, sampler, ("scheduler",), via), str)
+    for key, name in (("positive", "prompt"), ("negative", "negative_prompt")):
+        link = _find_input_link(graph, sampler, key)
+        text = _cond_text(graph, link) if link is not None else None
+        if text is not None:
+            fields[name] = text
+    latent = (sampler.get("inputs") or {}).get("latent_image")
+    fields["mode"] = "txt2img"
+    for node in _upstream(graph, latent, lambda n: "width" in (n.get("inputs") or {})):
+        inputs = node.get("inputs") or {}
+        if str(node.get("class_type")) == "VAEEncode":
+            fields["mode"] = "img2img"
+        if "width" in inputs and "height" in inputs and "width" not in fields:
+            put("width", _resolve(graph, inputs["width"]), int)
+            put("height", _resolve(graph, inputs["height"]), int)
+            put("batch_size", _resolve(graph, inputs.get("batch_size")), int)
+    if fields["mode"] == "img2img":
+        put("strength", _find_input(graph, sampler, ("denoise",), via), float)
+    model_link = _find_input_link(graph, sampler, "model")
+    loras = []
+    for node in _upstream(graph, model_link, lambda n: "Loader" in str(n.get("class_type")) and "Lora" not in str(n.get("class_type"))):
+        inputs = node.get("inputs") or {}
+        ctype = str(node.get("class_type"))
+        if ctype.startswith("ModelSampling") and "shift" in inputs and "shift" not in fields:
+            put("shift", _resolve(graph, inputs["shift"]), float)
+        if ctype in ("SkipLayerGuidanceSD3", "SkipLayerGuidanceDiT") and "slg" not in fields:
+            layers = _layers(_resolve(graph, inputs.get("layers", inputs.get("double_layers"))))
+            numbers = {k: _resolve(graph, inputs.get(src)) for k, src in
+                       (("scale", "scale"), ("start", "start_percent"), ("stop", "end_percent"))}
+            if layers and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers.values()):
+                fields["slg"] = {"layers": layers, **{k: float(v) for k, v in numbers.items()}}
+        if "Lora" in ctype and isinstance(_resolve(graph, inputs.get("lora_name")), str):
+            loras.append({"name": _resolve(graph, inputs["lora_name"]),
+                          "weight": _resolve(graph, inputs.get("strength_model", 1.0))})
+        for name in ("ckpt_name", "unet_name", "model_name"):
+            value = _resolve(graph, inputs.get(name))
+            if isinstance(value, str) and "model" not in fields:
+                fields["model"] = value
+                if v := guess_variant(value):
+                    fields["variant"] = v
+    if loras:
+        fields["loras"] = loras
+    return fields
+
+
+def _find_input_link(graph: dict, sampler: dict, name: str) -> Any:
+    inputs = sampler.get("inputs") or {}
+    if _is_link(graph, inputs.get(name)):
+        return inputs[name]
+    guider = inputs.get("guider")
+    if _is_link(graph, guider):
+        ginputs = graph[str(guider[0])].get("inputs") or {}
+        for candidate in (name, "conditioning" if name == "positive" else None):
+            if candidate and _is_link(graph, ginputs.get(candidate)):
+                return ginputs[candidate]
+    return None

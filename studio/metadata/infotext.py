@@ -1,0 +1,484 @@
+"""A1111 infotext, both ways: the ``parameters`` text other UIs read and write::
+
+    a cat in a hat
+    Negative prompt: blurry
+    Steps: 28, Sampler: Euler, Schedule type: Simple, CFG scale: 3.5, Seed: 1, Size: 1024x1024, ...
+
+The A1111 key <-> studio field mapping lives in ONE place, :data:`PARAMS` (with the inpaint
+keys in :data:`INPAINT_PARAMS` and A1111's ``Model hash`` / ``Lora hashes`` in
+:data:`HASH_PARAMS`): ``to_infotext`` writes through it and ``infotext_to_fields`` reads through
+it; field types come from
+``studio.metadata.schema``. Quoting follows A1111 (values with ``,``, ``:`` or newlines are
+JSON-quoted) and parsing reads the last line as parameters when it has ≥ 3 ``key: value`` pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from studio.catalog import VARIANTS
+from studio.metadata.loras import tags
+from studio.metadata.schema import kind_of
+
+APP_NAME = "SD3.5 Studio"
+MAX_PARAM_LINE = 256 * 1024  # longer "last lines" are treated as prompt text, not parameters
+
+# --------------------------------------------------------------------------------------------
+# A1111 infotext: quoting and parsing
+# --------------------------------------------------------------------------------------------
+
+_KEY_CHARS = re.compile(r"[\w \-/]+")
+_WORD_CHAR = re.compile(r"\w")
+
+
+def quote(value: str) -> str:
+    """Quote a parameter value the A1111 way (``json.dumps``) when it would not survive raw.
+
+    A1111 quotes values containing ``,``, ``:`` or a newline. We also quote values that start
+    with a double quote or carry leading/trailing whitespace (a parser would strip or unquote
+    them), and values with a carriage return.
+    """
+    if value and (
+        any(c in value for c in ",:\n\r")
+        or value[0] == '"'
+        or value != value.strip()
+    ):
+        return json.dumps(value, ensure_ascii=False)
+    return value
+
+
+def unquote(value: str) -> str:
+    """A1111's ``unquote``: JSON-decode ``"..."`` values; anything else is returned as is."""
+    if len(value) < 2 or value[0] != '"' or value[-1] != '"':
+        return value
+    try:
+        decoded = json.loads(value)
+    except (ValueError, RecursionError):
+        return value
+    return decoded if isinstance(decoded, str) else value
+
+
+def parse_param_line(line: str) -> list[tuple[str, str]]:
+    """The ``(key, value)`` pairs of an infotext parameter line, values still quoted.
+
+    Same result as A1111's ``re.findall(r'\\s*(\\w[\\w \\-/]+):\\s*("(?:\\\\.|[^\\\\"])+"|[^,]*)(?:,|$)',
+    line)``, but in linear time: that regex backtracks quadratically on a long line without
+    colons, which a hostile file could use to hang the reader.
+    """
+    pairs: list[tuple[str, str]] = []
+    n = len(line)
+    pos = 0
+    while pos < n:
+        start = pos
+        while start < n and line[start].isspace():
+            start += 1
+        if start >= n:
+            break
+        if not _WORD_CHAR.match(line, start):
+            pos = start + 1
+            continue
+        # key = \w[\w \-/]+ : at least two characters, the first a word character, then ':'
+        m = _KEY_CHARS.match(line, start)
+        if m.end() - start < 2 or m.end() >= n or line[m.end()] != ":":
+            # Every start inside this run of key characters fails the same way: skip the run.
+            pos = m.end()
+            continue
+        key = line[start : m.end()]
+        v = m.end() + 1
+        while v < n and line[v].isspace():
+            v += 1
+        value, end = None, v
+        if v < n and line[v] == '"':  # "(?:\\.|[^\\"])+" followed by , or end
+            i = v + 1
+            while i < n and line[i] != '"':
+                if line[i] == "\\":
+                    if i + 1 >= n or line[i + 1] == "\n":
+                        break
+                    i += 2
+                else:
+                    i += 1
+            if i < n and line[i] == '"' and i > v + 1 and (i + 1 == n or line[i + 1] == ","):
+                value, end = line[v : i + 1], i + 1
+        if value is None:  # [^,]*
+            comma = line.find(",", v)
+            end = n if comma < 0 else comma
+            value = line[v:end]
+        pairs.append((key, value))
+        pos = end + 1 if end < n else n  # consume the comma
+    return pairs
+
+
+def parse_infotext(text: str) -> dict[str, str]:
+    """Parse A1111 infotext into raw A1111 keys (like A1111's ``parse_generation_parameters``).
+
+    Returns ``{"Prompt": ..., "Negative prompt": ..., "Steps": "28", "Size": "1024x1024", ...}``
+    with quoted values unquoted. The last line counts as parameters only when it holds at least
+    three ``key: value`` pairs; otherwise it is part of the prompt. Lines are stripped, as A1111
+    does.
+    """
+    text = text.replace("\r\n", "\n").strip()
+    *lines, last = text.split("\n") if text else [""]
+    pairs: list[tuple[str, str]] = []
+    if len(last) <= MAX_PARAM_LINE:
+        pairs = parse_param_line(last)
+    if len(pairs) < 3:
+        lines.append(last)
+        pairs = []
+    prompt: list[str] = []
+    negative: list[str] = []
+    in_negative = False
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:") :].strip()
+        (negative if in_negative else prompt).append(line)
+    result = {"Prompt": _join_lines(prompt), "Negative prompt": _join_lines(negative)}
+    for key, value in pairs:
+        result[key] = unquote(value)
+    return result
+
+
+def _join_lines(lines: list[str]) -> str:
+    # A1111 joins with "\n" but never starts with an empty line.
+    while lines and lines[0] == "":
+        lines.pop(0)
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# The registry: A1111 key <-> studio field
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Param:
+    """One infotext key and the studio field(s) it carries.
+
+    ``write(meta)`` returns the value text, or None to leave the key out. ``read(text)`` returns
+    ``{field: value}`` (dotted names such as ``slg.scale`` are nested), and raises ``ValueError``
+    on malformed text.
+    """
+
+    key: str
+    fields: tuple[str, ...]
+    write: Callable[[dict], str | None]
+    read: Callable[[str], dict[str, Any]]
+    aliases: tuple[str, ...] = ()
+
+
+def _get(meta: dict, dotted: str) -> Any:
+    value: Any = meta
+    for part in dotted.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _fmt_float(value: Any) -> str:
+    value = float(value)
+    return str(int(value)) + ".0" if value.is_integer() and abs(value) < 1e16 else repr(value)
+
+
+def _to_int(text: str) -> int:
+    text = text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        as_float = float(text)  # "28.0" -> 28; "abc" raises ValueError
+        if not as_float.is_integer():
+            raise
+        return int(as_float)
+
+
+def _to_float(text: str) -> float:
+    return float(text.strip())
+
+
+def _to_str(text: str) -> str:
+    return text  # as A1111: a value is what the parser found (quoted values keep their spaces)
+
+
+_CONVERT: dict[type, tuple[Callable[[Any], str], Callable[[str], Any]]] = {
+    int: (lambda v: str(int(v)), _to_int),
+    float: (_fmt_float, _to_float),
+    str: (str, _to_str),
+}
+
+
+def _simple(key: str, field_name: str, *, aliases=(), when=None) -> Param:
+    """A key carrying one field; how it is written and read follows the field's schema type."""
+    # dotted names are the numbers inside a dict field (slg.scale, …)
+    kind = float if "." in field_name else {"int": int, "float": float, "str": str}[kind_of(field_name)]
+    fmt, parse = _CONVERT[kind]
+
+    def write(meta: dict) -> str | None:
+        value = _get(meta, field_name)
+        if value is None or value == "" or isinstance(value, (dict, list)):
+            return None
+        if when is not None and not when(value, meta):
+            return None
+        return fmt(value)
+
+    return Param(key, (field_name,), write, lambda text: {field_name: parse(text)}, aliases)
+
+
+def _write_size(meta: dict) -> str | None:
+    w, h = meta.get("width"), meta.get("height")
+    if w is None or h is None:
+        return None
+    return f"{int(w)}x{int(h)}"
+
+
+def _read_size(text: str) -> dict[str, Any]:
+    m = re.fullmatch(r"\s*(\d+)\s*[x×]\s*(\d+)\s*", text)
+    if not m:
+        raise ValueError(f"size {text!r} is not WIDTHxHEIGHT")
+    return {"width": int(m.group(1)), "height": int(m.group(2))}
+
+
+def _norm_name(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def guess_variant(name: str | None) -> str | None:
+    """The catalog variant a checkpoint/model name refers to, or None.
+
+    ``"sd3.5_large_turbo.safetensors"`` -> ``"sd3.5-large-turbo"``; matching ignores case and
+    punctuation, and the longest catalog id contained in the name wins.
+    """
+    if not name:
+        return None
+    if name in VARIANTS:
+        return name
+    stem = os.path.basename(str(name).replace("\\", "/"))
+    stem = re.sub(r"\.(safetensors|ckpt|pt|pth|bin|gguf|sft)$", "", stem, flags=re.I)
+    norm = _norm_name(stem)
+    best = None
+    for vid, variant in VARIANTS.items():
+        for candidate in (vid, variant.label, variant.single_file.rsplit(".", 1)[0],
+                          variant.repo_id.split("/")[-1]):
+            c = _norm_name(candidate)
+            if c and c in norm and (best is None or len(c) > best[0]):
+                best = (len(c), vid)
+    return best[1] if best else None
+
+
+def _write_model(meta: dict) -> str | None:
+    return meta.get("model_name") or meta.get("variant") or meta.get("model") or None
+
+
+def _read_model(text: str) -> dict[str, Any]:
+    text = text.strip()
+    if text in VARIANTS:
+        return {"variant": text, "model_name": text}
+    guess = guess_variant(text)
+    named = {"model": text, "model_name": text}
+    return {"variant": guess, **named} if guess else named
+
+
+_HEX = re.compile(r"[0-9a-fA-F]{8,64}")
+
+
+def _read_model_hash(text: str) -> dict[str, Any]:
+    text = text.strip()
+    if not _HEX.fullmatch(text):
+        raise ValueError(f"model hash {text!r} is not hex")
+    return {"model_hash": text.lower()}
+
+
+def _lora_label(name: str) -> str:
+    return str(name).translate({ord(":"): None, ord(","): None}).strip()  # A1111 drops these two
+
+
+def _write_lora_hashes(meta: dict) -> str | None:
+    """A1111's ``Lora hashes``: ``name: addnet hash`` for the LoRAs used (the ``hash`` of each
+    ``loras`` entry), or the ``lora_hashes`` read from a foreign infotext."""
+    pairs = [(d["name"], d["hash"]) for d in meta.get("loras") or ()
+             if isinstance(d, dict) and d.get("name") and isinstance(d.get("hash"), str) and d["hash"]]
+    if not pairs and isinstance(meta.get("lora_hashes"), dict):
+        pairs = [(k, v) for k, v in meta["lora_hashes"].items() if isinstance(v, str) and v]
+    return ", ".join(f"{_lora_label(n)}: {h}" for n, h in pairs) or None
+
+
+def _read_lora_hashes(text: str) -> dict[str, Any]:
+    """As A1111's Lora extension reads it: split on ",", then on the first ":"."""
+    out: dict[str, str] = {}
+    for item in text.split(","):
+        name, sep, value = item.strip().partition(":")
+        if sep and name.strip() and _HEX.fullmatch(value.strip()):
+            out[name.strip()] = value.strip().lower()
+    if not out:
+        raise ValueError(f"no 'name: hash' pairs in {text!r}")
+    return {"lora_hashes": out}
+
+
+def _write_layers(meta: dict) -> str | None:
+    layers = _get(meta, "slg.layers")
+    if not isinstance(meta.get("slg"), dict) or not layers:
+        return None
+    return json.dumps([int(x) for x in layers])
+
+
+def _read_layers(text: str) -> dict[str, Any]:
+    nums = re.findall(r"-?\d+", text)
+    if not nums or re.search(r"[^\d\s,\[\]\-]", text):
+        raise ValueError(f"SLG layers {text!r} are not a list of integers")
+    return {"slg.layers": [int(n) for n in nums]}
+
+
+def _write_version(meta: dict) -> str | None:
+    v = meta.get("studio_version")
+    return f"{APP_NAME} {v}" if v else None
+
+
+def _read_version(text: str) -> dict[str, Any]:
+    m = re.fullmatch(r"\s*SD3\.5 Studio v?(\S+)\s*", text)
+    return {"studio_version": m.group(1)} if m else {}  # another app's version stays in extras
+
+
+def _slg_on(_value: Any, meta: dict) -> bool:
+    return isinstance(meta.get("slg"), dict)
+
+
+def _write_area(meta: dict) -> str | None:
+    if meta.get("mode") != "inpaint" or meta.get("only_masked") is None:
+        return None
+    return "Only masked" if meta.get("only_masked") else "Whole picture"
+
+
+def _read_area(text: str) -> dict[str, Any]:
+    t = text.strip().lower()
+    if t not in ("only masked", "whole picture"):
+        raise ValueError(f"inpaint area {text!r}")
+    return {"only_masked": t == "only masked"}
+
+
+#: THE mapping between infotext keys and studio fields, in the order keys are written.
+PARAMS: tuple[Param, ...] = (
+    _simple("Steps", "steps"),
+    _simple("Sampler", "sampler"),
+    _simple("Scheduler", "scheduler", aliases=("Schedule type",)),
+    _simple("CFG scale", "guidance"),
+    _simple("Seed", "seed"),
+    Param("Size", ("width", "height"), _write_size, _read_size),
+    Param("Model", ("variant",), _write_model, _read_model),
+    _simple("Denoising strength", "strength"),
+    _simple("Shift", "shift"),
+    Param("SLG layers", ("slg.layers",), _write_layers, _read_layers),
+    _simple("SLG scale", "slg.scale", when=_slg_on),
+    _simple("SLG start", "slg.start", when=_slg_on),
+    _simple("SLG stop", "slg.stop", when=_slg_on),
+    _simple("Max sequence length", "max_sequence_length"),
+    _simple("Batch size", "batch_size", when=lambda v, _m: int(v) > 1),
+    Param("Version", ("studio_version",), _write_version, _read_version),
+)
+
+#: Inpaint's keys (A1111's names), written after the common ones for inpaint images only.
+INPAINT_PARAMS: tuple[Param, ...] = (
+    _simple("Mask blur", "mask_blur"),
+    Param("Inpaint area", ("only_masked",), _write_area, _read_area),
+    _simple("Masked area padding", "padding", when=lambda _v, m: bool(m.get("only_masked"))),
+)
+
+#: The hashes other tools link by (A1111, Forge, Civitai), written last: see studio/models/hashes.py.
+HASH_PARAMS: tuple[Param, ...] = (
+    Param("Model hash", ("model_hash",), lambda m: m.get("model_hash") or None, _read_model_hash),
+    Param("Lora hashes", ("lora_hashes",), _write_lora_hashes, _read_lora_hashes),
+)
+
+_PARAM_BY_KEY: dict[str, Param] = {}
+for _p in (*PARAMS, *INPAINT_PARAMS, *HASH_PARAMS):
+    for _k in (_p.key, *_p.aliases):
+        _PARAM_BY_KEY[_k] = _p
+
+
+def _set_dotted(target: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        target = target.setdefault(part, {})
+    target[leaf] = value
+
+
+def to_infotext(meta: dict) -> str:
+    """A1111 infotext for a metadata dict (missing fields are left out, never invented)."""
+    prompt = str(meta.get("prompt") or "")
+    negative = str(meta.get("negative_prompt") or "")
+    parts: list[str] = []
+    written: set[str] = set()
+    for param in (*PARAMS, *INPAINT_PARAMS, *HASH_PARAMS):
+        try:
+            value = param.write(meta)
+        except (TypeError, ValueError, OverflowError):
+            value = None  # a malformed field is left out rather than failing the whole image
+        if value is not None and value != "":
+            parts.append(f"{param.key}: {quote(value)}")
+            written.add(param.key)
+    loras = [d for d in meta.get("loras") or () if isinstance(d, dict) and d.get("name")]
+    extras = meta.get("extra_params")
+    if isinstance(extras, dict):  # keys read from a foreign infotext, written back unchanged
+        for key, value in extras.items():
+            if (
+                key not in written
+                and key not in _PARAM_BY_KEY
+                and key not in ("Prompt", "Negative prompt")
+                and re.fullmatch(r"\w[\w \-/]+", str(key))
+                and value not in (None, "")
+            ):
+                parts.append(f"{key}: {quote(str(value))}")
+    if loras:
+        prompt = f"{prompt} {tags(loras)}" if prompt else tags(loras)
+    lines = [prompt] if prompt else []
+    if negative:
+        lines.append(f"Negative prompt: {negative}")
+    lines.append(", ".join(parts))
+    return "\n".join(lines)
+
+
+def infotext_to_fields(params: dict[str, Any]) -> dict[str, Any]:
+    """Raw A1111 keys (from :func:`parse_infotext`) -> studio field names.
+
+    Keys the registry does not know, and values it cannot parse, are kept under
+    ``fields["extra_params"]`` so nothing is lost. A ``Denoising strength`` implies img2img.
+    """
+    params = dict(params)
+    if "Size" not in params and "Size-1" in params and "Size-2" in params:  # A1111's own dict
+        params["Size"] = f"{params.pop('Size-1')}x{params.pop('Size-2')}"
+    fields: dict[str, Any] = {
+        "prompt": str(params.pop("Prompt", "") or ""),
+        "negative_prompt": str(params.pop("Negative prompt", "") or ""),
+    }
+    extras: dict[str, str] = {}
+    for key, value in params.items():
+        param = _PARAM_BY_KEY.get(key)
+        if param is None:
+            extras[key] = value
+            continue
+        try:
+            values = param.read(str(value))
+        except (ValueError, TypeError, OverflowError):
+            values = {}
+        if not values:
+            extras[key] = value
+        for name, v in values.items():
+            _set_dotted(fields, name, v)
+    if fields.get("mask_blur") is not None or fields.get("only_masked") is not None:
+        fields.setdefault("mode", "inpaint")
+    if fields.get("strength") is not None:
+        fields.setdefault("mode", "img2img")
+    if extras:
+        fields["extra_params"] = extras
+    return fields
+
+
+def fields_from_infotext(text: str) -> dict[str, Any]:
+    """Pasted or embedded infotext -> studio fields (the "reuse parameters" entry point)."""
+    return infotext_to_fields(parse_infotext(text))
+
+

@@ -1,0 +1,333 @@
+"""The Studio: every Gradio-free call the UI, the API and the CLI make — generate, load, unload,
+the gallery, LoRAs, the stored inputs of an image. Built once per process.
+
+Decisions that must not drift live here, once:
+
+* **the placement** — an explicit preset, ``--preset``, or "auto" (the planner) — is decided by
+  :meth:`Studio.placement_for` for *every* load: the "Load model" button, the first Generate's
+  lazy load, a variant swap, Turbo, the CLI and the API (the model manager calls it back);
+* **what a shared deployment allows** (:meth:`Studio.check_shared`): catalog models only, no
+  uploads of LoRAs, no unload; a gallery per login or browser session (:meth:`owner_for`);
+* **what a request may open**: only uploads, or a gallery image's stored inputs by id after the
+  owner check (:meth:`image_inputs`). A value read from a PNG is never a path or an id.
+
+Nothing heavy is imported until used, so the web page is served before any model (or torch) is
+loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from functools import cached_property
+
+from studio.catalog import DEFAULT_VARIANT, TURBO_VARIANT, VARIANTS, get_variant
+from studio.config import StudioConfig
+from studio.errors import GalleryError, ModelError, ValidationError
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = 24
+MAX_PAGE = 10**9
+MAX_PAGE_SIZE = 200
+
+
+class Studio:
+    """Owns the model manager, the engine, the gallery and the stored inputs (blobs)."""
+
+    def __init__(self, config: StudioConfig, shared: bool = False):
+        self.config = config
+        # True behind a share link, with --shared, or on a Space. Then: a gallery per login /
+        # browser session (owner_for), models from the catalog only, no unload, no LoRA uploads,
+        # and the UI hides what only the machine's owner should change (token, source, unload).
+        self.shared = shared
+        self._preset = config.preset or "auto"  # the preset every load uses until one is chosen
+        self._preset_lock = threading.Lock()
+        config.ensure_dirs()
+
+    # -- the long-lived parts (built on first use) --
+
+    @cached_property
+    def models(self):
+        from studio.models import ModelManager
+
+        return ModelManager(self.config, placement_policy=self._policy)
+
+    @cached_property
+    def gallery(self):
+        from studio.gallery import Gallery
+
+        return Gallery(self.config.data_dir)
+
+    @cached_property
+    def blobs(self):
+        from studio.blobs import Blobs
+
+        return Blobs(self.config.data_dir)
+
+    @cached_property
+    def engine(self):
+        from studio.engine import Engine
+
+        return Engine(self.models, self.gallery, blobs=self.blobs)
+
+    def is_built(self, part: str) -> bool:
+        """Whether ``models`` / ``gallery`` / ``engine`` exists yet (without building it)."""
+        return part in self.__dict__
+
+    @property
+    def current(self):
+        """The loaded model, or None (never loads one)."""
+        return self.models.current if self.is_built("models") else None
+
+    def start(self):
+        """Bring the gallery's index and files into agreement before serving (crash recovery).
+
+        Returns the reconcile report; problems are logged, never raised."""
+        try:
+            report = self.gallery.reconcile()
+        except GalleryError as e:
+            log.warning("gallery check at start failed: %s", e)
+            return None
+        if report.changed:
+            log.warning("gallery: %s", report.summary())
+        return report
+
+    # -- models --
+
+    def availability(self, variant: str | None = None) -> tuple[bool, str]:
+        """Whether the weights for a variant are here; if not, how to get them (no network)."""
+        if self.config.demo:
+            return True, "Demo mode: the offline tiny SD3 models."
+        return self.models.availability(variant)
+
+    @property
+    def preset(self) -> str:
+        """The preset name loads use now ("auto" or a preset name)."""
+        return self._preset
+
+    def placement_for(self, preset: str | None = None, variant: str | None = None, hardware=None):
+        """The Placement for a memory preset name — THE decision, for every load path.
+
+        ``preset`` None means the studio's current choice (``--preset``, or the last preset
+        loaded with); "auto" asks the planner. Raises ModelError naming the valid presets for an
+        unknown name, and the reason for a preset that cannot run on this machine.
+        """
+        from studio.hardware import detect_hardware
+        from studio.memory import PRESETS, choose, get_preset
+        from studio.models import default_placement, placement_from_preset
+
+        preset = (preset or self._preset or "auto").strip()
+        try:
+            hardware = hardware or detect_hardware(device=self.config.device)
+        except ValueError as e:
+            raise ModelError(str(e)) from e
+        if preset == "auto":
+            if self.config.demo:  # the tiny demo runs anywhere at the device's default precision
+                placement = default_placement(hardware.device)
+                placement.reason = ("demo: the tiny models run at the device's default precision; "
+                                    "the planner's choice is for the real weights")
+                return placement
+            plan = choose(hardware, variant or self.config.variant or DEFAULT_VARIANT)
+            if not plan.fits:
+                log.warning("no preset fits: %s", plan.explanation.splitlines()[0])
+            preset = plan.preset
+        if preset not in PRESETS:
+            raise ModelError(f"Unknown memory preset {preset[:60]!r}. Valid presets: auto, "
+                             + ", ".join(PRESETS) + " (see `launch.py plan`).")
+        chosen = get_preset(preset)
+        problem = chosen.check(hardware)
+        if problem:
+            raise ModelError(f"Preset {chosen.name!r} cannot run here: {problem}")
+        return placement_from_preset(chosen, hardware.device, hardware)
+
+    def _policy(self, variant: str | None):
+        """What the model manager asks for a load that names no placement (lazy loads, swaps)."""
+        return self.placement_for(None, variant)
+
+    def check_shared(self, source: str | None = None, variant: str | None = None) -> None:
+        """Refuse what a shared deployment does not allow (model sources other than the catalog)."""
+        if not self.shared:
+            return
+        if source:
+            raise ModelError(
+                "This studio is shared: models come from the catalog only, so a source (a Hub id "
+                "or a path) is not accepted. Choose a variant instead: " + ", ".join(VARIANTS) + ".")
+        if variant and variant not in VARIANTS:
+            raise ModelError(f"Unknown variant {str(variant)[:60]!r}; choose one of: {', '.join(VARIANTS)}.")
+
+    def load_model(self, source: str | None = None, variant: str | None = None,
+                   preset: str | None = None, progress=None):
+        """Load (or hot-swap to) a model with a memory preset (None: the current choice; "auto":
+        the planner's). The preset becomes the studio's choice for later loads (swaps, Turbo).
+
+        Raises ModelError with a message for the user; the previous model stays loaded on failure.
+        """
+        self.check_shared(source, variant)
+        if variant is not None and variant not in VARIANTS:
+            raise ModelError(f"Unknown variant {str(variant)[:60]!r}; choose one of: {', '.join(VARIANTS)}.")
+        placement = self.placement_for(preset, variant)
+        loaded = self.models.load(source or None, variant=variant, placement=placement, progress=progress)
+        if preset:
+            with self._preset_lock:
+                self._preset = preset
+        return loaded
+
+    def unload_model(self) -> None:
+        """Free the model's memory. Not on shared deployments: the model is everyone's."""
+        if self.shared:
+            raise ModelError("This studio is shared: the model stays loaded for everyone using it.")
+        if self.is_built("models"):
+            self.models.unload()
+
+    # -- generating --
+
+    def check_request(self, req) -> None:
+        """Refuse a bad request before any model is loaded (a bad width costs no load).
+
+        Checks everything but the image inputs against the catalog variant the request will run
+        on; the engine checks again, fully, against the loaded model."""
+        from studio.engine import validate
+
+        name = req.variant or (TURBO_VARIANT if req.mode == "turbo" else None)
+        current = self.current
+        if name is None:
+            name = current.variant.name if current is not None else (self.config.variant or DEFAULT_VARIANT)
+        if name not in VARIANTS:
+            raise ValidationError(f"Unknown variant {str(name)[:60]!r}; choose one of: {', '.join(VARIANTS)}.",
+                                  "variant")
+        if current is not None and current.variant.name == name:
+            validate(req, current.variant, current.max_side, current.native_size, images=False)
+        else:
+            validate(req, get_variant(name), images=False,
+                     native_size=(256, 256) if self.config.demo else (1024, 1024))
+
+    def generate(self, req, on_progress=None, cancel=None, owner: str | None = None, on_image=None):
+        """Check ``req``, then generate through the engine (see ``Engine.generate``)."""
+        self.check_request(req)
+        return self.engine.generate(req, on_progress=on_progress, cancel=cancel, owner=owner, on_image=on_image)
+
+    # -- who sees what --
+
+    def owner_for(self, request) -> str | None:
+        """Whose gallery a web request sees: None (everything) on a private local run. On shared
+        deployments: the login (``u:<name>``) when the studio runs with --auth, else the browser
+        session (``s:<session hash>``); the prefixes keep a client-chosen session hash from ever
+        naming a login. A request without either gets a fresh owner that matches nothing."""
+        if not self.shared:
+            return None
+        username = getattr(request, "username", None)
+        if username:
+            return f"u:{username}"
+        session = getattr(request, "session_hash", None)
+        if session:
+            return f"s:{session}"
+        return f"none:{secrets.token_hex(8)}"
+
+    # -- the gallery --
+
+    def list_images(self, owner=None, query=None, variant=None, mode=None, starred_only=False, page=0,
+                    page_size=PAGE_SIZE):
+        """One page of the owner's images, newest first (see ``Gallery.list``)."""
+        from studio.engine import MODES, check_number
+
+        page = check_number("page", 0 if page in (None, "") else page, 0, MAX_PAGE, "Page", integer=True)
+        page_size = check_number("page_size", PAGE_SIZE if page_size in (None, "") else page_size, 1,
+                                 MAX_PAGE_SIZE, "Page size", integer=True)
+        if mode and mode not in MODES:
+            raise ValidationError(f"Unknown mode {str(mode)[:40]!r}; use one of {', '.join(MODES)}.", "mode")
+        if variant and variant not in VARIANTS:
+            raise ValidationError(f"Unknown variant {str(variant)[:60]!r}; use one of {', '.join(VARIANTS)}.",
+                                  "variant")
+        return self.gallery.list(page=page, page_size=page_size, query=query or None, variant=variant or None,
+                                 mode=mode or None, starred=True if starred_only else None, owner=owner)
+
+    def get_image(self, image_id, owner=None):
+        """The owner's gallery image ``image_id``; GalleryError when there is none."""
+        item = self.gallery.get(str(image_id or ""), owner=owner)
+        if item is None:
+            raise GalleryError(f"No image with id {str(image_id)[:40]!r} in the gallery.")
+        return item
+
+    def star_image(self, image_id, starred: bool = True, owner=None) -> bool:
+        if not self.gallery.star(str(image_id or ""), bool(starred), owner=owner):
+            raise GalleryError(f"No image with id {str(image_id)[:40]!r} in the gallery.")
+        return bool(starred)
+
+    def delete_image(self, image_id, owner=None) -> None:
+        """Delete an image, and the stored inputs (mask, init image) no other image uses."""
+        item = self.get_image(image_id, owner)
+        refs = self.blobs.referenced(item.metadata or {})
+        if not self.gallery.delete(item.id, owner=owner):
+            raise GalleryError(f"No image with id {str(image_id)[:40]!r} in the gallery.")
+        for kind, sha in refs.items():
+            if not self.gallery.references(sha):
+                self.blobs.store(kind).delete(sha)
+
+    def image_inputs(self, image_id, owner=None) -> dict:
+        """The stored inputs of the owner's image, by its id: ``{"init_image": path, "mask_image":
+        path}`` for those it has. The only way a request opens a stored input."""
+        item = self.get_image(image_id, owner)
+        out = {}
+        refs = self.blobs.referenced(item.metadata or {})
+        for kind, key in (("init", "init_image"), ("mask", "mask_image"), ("control", "control_image")):
+            path = self.blobs.store(kind).path(refs.get(kind))
+            if path is not None:
+                out[key] = str(path)
+        return out
+
+    def mask_path(self, image_id, owner=None):
+        """The inpaint mask file of the owner's image (GalleryError when it has none)."""
+        path = self.image_inputs(image_id, owner).get("mask_image")
+        if path is None:
+            raise GalleryError(f"Image {str(image_id)[:40]} has no inpaint mask.")
+        return path
+
+    @staticmethod
+    def read_png_info(path):
+        """Metadata of an uploaded PNG (never raises; problems are in ``error``). The fields are
+        cleaned by the schema: unknown keys dropped, every value of its declared type."""
+        from studio.metadata import read_png_info
+
+        if not path:
+            raise ValidationError("Drop a PNG file to read its metadata.", "file")
+        return read_png_info(path)
+
+    # -- LoRAs --
+
+    def lora_names(self) -> list[str]:
+        return self.models.loras.names()
+
+    def describe_loras(self) -> dict:
+        return {"loras": self.models.loras.describe(),
+                "active": self.models.active_loras() if self.is_built("models") else []}
+
+    def import_lora(self, path, name: str | None = None):
+        """Copy an uploaded LoRA file into the loras folder (format checked). Not on shared
+        deployments: there the owner puts LoRA files in the folder."""
+        if self.shared:
+            raise ModelError("Uploading LoRAs is off on shared deployments: the owner puts LoRA files in the "
+                             "loras folder of the data dir.")
+        return self.models.loras.import_file(path, name=name)
+
+    def unload_loras(self) -> int:
+        """Remove every LoRA adapter from memory. Not on shared deployments: LoRAs are chosen per
+        request there, and the memory is everyone's."""
+        if self.shared:
+            raise ModelError("This studio is shared: LoRAs are chosen per generation (the LoRA slots), "
+                             "so there is nothing to unload for everyone.")
+        return self.models.unload_loras() if self.is_built("models") else 0
+
+    def check_lora(self, name: str):
+        """Load a LoRA into the current model (if one is loaded) so a mismatch shows now, then
+        turn it off again: LoRAs are chosen per request, so nobody's selection changes."""
+        info = self.models.loras.info(name)
+        manager = self.models
+        loaded = False
+        if manager.current is not None:
+            with manager.lock:
+                manager.activate_loras(manager.current, [(info, 1.0)])
+                manager.activate_loras(manager.current, [])
+            loaded = True
+        return info, loaded

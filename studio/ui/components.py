@@ -1,0 +1,60 @@
+"""Gradio components that hand the studio what the client sent, undecoded.
+
+Gradio's own image components open (and the editor fully decodes) every upload in their
+``preprocess`` — before the studio can check the image's header. A text file renamed ``.png``
+then fails inside Gradio with a generic error and a traceback, and a 169-megapixel PNG is
+decoded before anyone refuses it. These subclasses pass file paths through instead; the engine
+opens them with ``studio.engine.images.open_image`` (size, pixels and aspect from the header,
+then decode) and refuses what is wrong with a message that names the input.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import gradio as gr
+from gradio.data_classes import FileData
+
+
+class RawNumber(gr.Number):
+    """A number input that hands the engine what the client sent (no rounding, no coercion): the
+    engine refuses what is wrong with a message that names the field."""
+
+    def preprocess(self, payload):
+        return payload
+
+
+class ImagePath(gr.Image):
+    """``gr.Image(type="filepath")`` that does not open the file: the path, as uploaded."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["type"] = "filepath"
+        super().__init__(*args, **kwargs)
+
+    def preprocess(self, payload):
+        if payload is None:
+            return None
+        if getattr(payload, "url", None) and str(payload.url).startswith("data:"):
+            return super().preprocess(payload)  # pasted data URLs: Gradio writes them to its cache
+        return payload.path
+
+
+class ImageMaskPaths(gr.ImageMask):
+    """``gr.ImageMask(type="filepath")`` whose background and layers arrive as file paths,
+    undecoded (canvas layers sent as bytes are written to Gradio's cache as they are)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["type"] = "filepath"
+        super().__init__(*args, **kwargs)
+
+    def convert_and_format_image(self, file, flatten_on_white: bool = False):
+        if file is None:
+            return None
+        if isinstance(file, FileData):
+            return file.path
+        folder = Path(self.GRADIO_CACHE) / secrets.token_hex(16)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "layer.png"
+        path.write_bytes(bytes(file))
+        return str(path)
