@@ -309,6 +309,11 @@ def test_the_base_scheduler_is_left_alone():
         built = S.scheduler_for(base, sampler, schedule, 2.0)
         assert built is not base
     assert dict(base.config) == before
+    for sampler in S.SAMPLERS:  # metadata's "scheduler" names the diffusers class it runs on
+        import diffusers
+
+        built = S.scheduler_for(base, sampler, "Karras", 3.0)
+        assert isinstance(built, getattr(diffusers, S.SAMPLER_INFO[sampler].diffusers))
     same = S.scheduler_for(base, "Euler", "Normal", 2.0)
     assert type(same) is FlowMatchEulerDiscreteScheduler and same.config.shift == 2.0
 

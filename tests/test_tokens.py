@@ -105,3 +105,12 @@ def test_fast_enough_for_every_keystroke(toks):
     for _ in range(5):
         T.count(*toks, prompt, 512)
     assert (time.perf_counter() - started) / 5 < 0.25
+
+
+def test_notes_say_what_will_be_cut(toks):
+    clip, t5 = toks
+    assert T.count(clip, t5, "a red fox").notes() == []
+    notes = T.count(clip, t5, _words(90), max_sequence_length=16, enabled=False).notes()
+    assert len(notes) == 2 and "first 75 tokens" in notes[0] and "T5 reads 16" in notes[1]
+    assert "up to 512" in notes[1]
+    assert T.count(clip, t5, _words(90), max_sequence_length=16).notes()[0].startswith("The prompt is 91 T5")

@@ -82,6 +82,7 @@ class SamplerInfo:
     stochastic: bool  # draws fresh noise every step (the seed still reproduces it)
     calls_per_step: int  # model evaluations per step (Heun: 2, less one at the end)
     about: str
+    diffusers: str  # the diffusers scheduler class it runs on (metadata's "scheduler")
 
 
 @dataclass(frozen=True)
@@ -92,17 +93,24 @@ class ScheduleInfo:
 
 
 _SAMPLERS = (
-    SamplerInfo("Euler", "euler", False, 1, "first-order flow-matching Euler: SD3's own sampler"),
+    SamplerInfo("Euler", "euler", False, 1, "first-order flow-matching Euler: SD3's own sampler",
+                "FlowMatchEulerDiscreteScheduler"),
     SamplerInfo("Euler a", "euler_ancestral", True, 1,
-                "Euler ancestral for flow models (η = 1): adds fresh noise each step; images keep changing with steps"),
-    SamplerInfo("Heun", "heun", False, 2, "second order: two model calls a step, sharper at few steps"),
-    SamplerInfo("DPM++ 2M", "dpmpp_2m", False, 1, "second-order multistep DPM-Solver++"),
-    SamplerInfo("DPM++ 2M SDE", "dpmpp_2m_sde", True, 1, "DPM-Solver++ 2M, stochastic (midpoint)"),
-    SamplerInfo("DPM++ 2M SDE Heun", "dpmpp_2m_sde_heun", True, 1, "DPM-Solver++ 2M, stochastic (Heun)"),
-    SamplerInfo("UniPC", "uni_pc_bh2", False, 1, "UniPC predictor-corrector (bh2)"),
-    SamplerInfo("DEIS", "deis", False, 1, "DEIS multistep (order 2)"),
+                "Euler ancestral for flow models (η = 1): adds fresh noise each step; images keep changing with steps",
+                "FlowMatchEulerDiscreteScheduler"),
+    SamplerInfo("Heun", "heun", False, 2, "second order: two model calls a step, sharper at few steps",
+                "FlowMatchHeunDiscreteScheduler"),
+    SamplerInfo("DPM++ 2M", "dpmpp_2m", False, 1, "second-order multistep DPM-Solver++",
+                "DPMSolverMultistepScheduler"),
+    SamplerInfo("DPM++ 2M SDE", "dpmpp_2m_sde", True, 1, "DPM-Solver++ 2M, stochastic (midpoint)",
+                "DPMSolverMultistepScheduler"),
+    SamplerInfo("DPM++ 2M SDE Heun", "dpmpp_2m_sde_heun", True, 1, "DPM-Solver++ 2M, stochastic (Heun)",
+                "DPMSolverMultistepScheduler"),
+    SamplerInfo("UniPC", "uni_pc_bh2", False, 1, "UniPC predictor-corrector (bh2)", "UniPCMultistepScheduler"),
+    SamplerInfo("DEIS", "deis", False, 1, "DEIS multistep (order 2)", "DEISMultistepScheduler"),
     SamplerInfo("LCM", "lcm", True, 1,
-                "predict the image, re-noise it to the next level (diffusers' stochastic Euler); suits Turbo"),
+                "predict the image, re-noise it to the next level (diffusers' stochastic Euler); suits Turbo",
+                "FlowMatchEulerDiscreteScheduler"),
 )
 _SCHEDULES = (
     ScheduleInfo("Normal", "normal", "evenly spaced timesteps, shifted: SD3's default"),

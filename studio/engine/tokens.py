@@ -34,6 +34,18 @@ class TokenCount:
     def clip_limit(self) -> int:
         return CHUNK * self.clip_chunks
 
+    def notes(self) -> list[str]:
+        """What a request's notes should say before it runs: what each encoder will not read."""
+        out = []
+        if self.clip_truncated:
+            out.append(f"CLIP reads the first {CHUNK} tokens of the prompt; it will not see: "
+                       f"{_short(self.clip_truncated)!r} (turn prompt weighting on to read it in chunks).")
+        if self.t5_truncated:
+            more = "; raise max sequence length (up to 512)" if self.t5_limit < 512 else ""
+            out.append(f"The prompt is {self.t5_tokens} T5 tokens; T5 reads {self.t5_limit} and will not see: "
+                       f"{_short(self.t5_truncated)!r}{more}.")
+        return out
+
     def text(self) -> str:
         """One line for under the prompt box, e.g. ``CLIP 80/150 (2 chunks) · T5 93/256``."""
         chunks = f" ({self.clip_chunks} chunks)" if self.clip_chunks > 1 else ""
