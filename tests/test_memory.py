@@ -464,3 +464,31 @@ def test_plan_command_errors_and_snapping(capsys):
     assert rc == 0 and "snapped to 992×992" in out.err
     rc, out = _run(["--gpus", "0", "--ram", "4", "--variant", "sd3.5-large"], capsys)
     assert rc == 1 and "DOES NOT FIT" in out.out
+
+
+# --- the counts table the planner reads instead of importing the model libraries ----------------
+
+
+def test_the_counts_table_is_the_live_count():
+    """studio/memory/counts.py (written by `python -m studio.memory.bytes`) holds exactly what
+    counting the catalog's components on the meta device gives with the installed libraries."""
+    from studio.memory.counts import COUNTS
+
+    configs = membytes._catalog_configs()
+    assert set(COUNTS) == set(configs), "regenerate: python -m studio.memory.bytes"
+    for key, (component, variant) in configs.items():
+        model = memory.meta_model(component, variant)
+        entry = COUNTS[key]
+        assert entry["params"] == memory.count_params(model), key
+        for storage in membytes.COUNT_STORAGES:
+            assert entry[storage.key] == membytes.live_numbers(model, storage), (key, storage.key)
+
+
+def test_component_numbers_come_from_the_table_for_the_catalog(monkeypatch):
+    membytes.component_numbers.cache_clear()
+    monkeypatch.setattr(membytes, "meta_model", lambda *a: pytest.fail("counted live"))
+    try:
+        n = memory.component_numbers("transformer", "sd3.5-large", Storage("nf4"))
+        assert n["params"] == 8_056_627_520 and 4 * GB < n["bytes"] < 5 * GB
+    finally:
+        membytes.component_numbers.cache_clear()
