@@ -219,3 +219,30 @@ def test_hub_download_progress_reaches_the_caller(manager, tiny_family, monkeypa
     downloads = [(m, f) for m, f in seen if m.startswith("Downloading")]
     assert downloads[-1] == ("Downloading stabilityai/stable-diffusion-3.5-large: 4.00 of 4.00 GB", 0.5)
     assert loaded.source.kind == "hub" and loaded.variant.name == "sd3.5-large"
+
+
+def test_a_4bit_t5_this_cpu_cannot_run_is_refused_with_the_fix(tiny_family, tmp_path, monkeypatch):
+    """AVX512-BF16 CPUs run bitsandbytes' 4-bit layers through a packed kernel that needs outputs in
+    multiples of 32: a T5 whose shapes miss that is refused at load, naming the layers and the fix
+    (simulated: this CPU's flag is patched; the real kernel assertion is proven in test_tiny.py)."""
+    import json
+
+    from transformers import T5Config, T5EncoderModel
+
+    from studio.memory import get_preset
+    from studio.models import placement_from_preset
+
+    odd = tmp_path / "odd-t5"
+    shutil.copytree(tiny_family["sd3-medium"], odd)
+    cfg = json.loads((odd / "text_encoder_3" / "config.json").read_text())
+    shutil.rmtree(odd / "text_encoder_3")
+    T5EncoderModel(T5Config(**{**cfg, "d_ff": 37})).save_pretrained(odd / "text_encoder_3")
+    placement = placement_from_preset(get_preset("nf4-t5-4bit-offload"), "cpu", validate_on_cpu=True)
+    placement.component_kwargs.pop("transformer")  # the NF4 transformer stops at the GPU boundary anyway
+    monkeypatch.setattr("studio.models.manager._has_avx512bf16", lambda: True)
+    manager = ModelManager(StudioConfig(data_dir=tmp_path / "d"), placement=placement)
+    with pytest.raises(ModelError, match=r"text_encoder_3 cannot run in 4-bit on this CPU: .*wi_0 \(\d+→37\).*t5-8bit"):
+        manager.load(str(odd))
+    assert manager.current is None
+    monkeypatch.setattr("studio.models.manager._has_avx512bf16", lambda: False)
+    assert manager.load(str(odd)).pipe.text_encoder_3 is not None, "elsewhere the same T5 loads"

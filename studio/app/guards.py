@@ -12,6 +12,7 @@ Each is plain ASGI middleware, passed to ``launch(app_kwargs={"middleware": …}
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import threading
@@ -149,7 +150,7 @@ class LoginThrottle:
         keys = self._keys(scope, username)
         wait = self.locked_for(keys)
         if wait > 0:
-            await _send_json(send, 429, {"detail": f"Too many failed logins: try again in {int(wait) + 1} s."})
+            await _send_json(send, 429, {"detail": f"Too many failed logins: try again in {math.ceil(wait)} s."})
             return
         status = {}
 

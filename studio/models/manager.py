@@ -280,7 +280,7 @@ class ModelManager:
                     )
                 kwargs.setdefault("use_safetensors", True)
                 kwargs.setdefault("dtype" if library == "transformers" else "torch_dtype", placement.dtype)
-            return cls.from_pretrained(folder, subfolder=name, **kwargs)
+            model = cls.from_pretrained(folder, subfolder=name, **kwargs)
         except ModelError:
             raise
         except Exception as e:
@@ -289,6 +289,11 @@ class ModelManager:
                 hint = (" — bitsandbytes quantization of the transformer needs a CUDA GPU (diffusers "
                         "refuses it on CPU). Pick a CPU preset such as cpu-bf16 or cpu-fp32.")
             raise ModelError(f"Could not load {name} from {sub}: {short_error(e)}{hint}") from e
+        if placement.device == "cpu" and hasattr(model, "named_modules"):
+            problem = cpu_4bit_problem(model)
+            if problem:
+                raise ModelError(f"{name} cannot run in 4-bit on this CPU: {problem}")
+        return model
 
     def _place(self, pipe, placement: Placement, fresh: list[str]) -> None:
         """Put the pipeline where the placement says. A resident placement moves only the
@@ -460,6 +465,41 @@ def lora_blocker(loaded: LoadedModel) -> str | None:
                 "fp8 layerwise-cast weights. Pick a preset that keeps the transformer in bf16/fp16 "
                 "(Models & Memory), or generate without LoRAs.")
     return None
+
+
+# bitsandbytes' CPU 4-bit kernels on CPUs with AVX512-BF16 repack each weight in blocks of 32 output
+# rows and read its absmax per 64 inputs (bitsandbytes.functional._convert_weight_packed_for_cpu).
+CPU_4BIT_BLOCK_N, CPU_4BIT_BLOCK_K = 32, 64
+
+
+def cpu_4bit_problem(model) -> str | None:
+    """Why a 4-bit (bitsandbytes NF4) model would crash on this CPU, or None.
+
+    On AVX512-BF16 CPUs bitsandbytes runs 4-bit layers through a packed kernel that asserts
+    ``out_features % 32 == 0`` (and needs ``in_features % 64 == 0``) in the first forward pass.
+    Real T5-XXL layers (4096 / 10240) fit; a model with other shapes is refused here, at load,
+    with the fix, instead of crashing at the first generation."""
+    bad = []
+    for mod_name, module in model.named_modules():
+        if type(module).__name__ != "Linear4bit":
+            continue
+        n, k = module.out_features, module.in_features
+        if n % CPU_4BIT_BLOCK_N or k % CPU_4BIT_BLOCK_K:
+            bad.append(f"{mod_name} ({k}→{n})")
+    if not bad or not _has_avx512bf16():
+        return None
+    return (f"{len(bad)} of its 4-bit layers ({', '.join(bad[:3])}{'…' if len(bad) > 3 else ''}) have shapes "
+            f"bitsandbytes' AVX512-BF16 CPU kernel cannot run (it needs outputs in multiples of "
+            f"{CPU_4BIT_BLOCK_N} and inputs in multiples of {CPU_4BIT_BLOCK_K}). Use an 8-bit T5 preset "
+            "(t5-8bit) or a preset without 4-bit layers.")
+
+
+def _has_avx512bf16() -> bool:
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+    except Exception:  # noqa: BLE001 — no bitsandbytes: nothing is 4-bit
+        return False
+    return bool(has_avx512bf16())
 
 
 def _infer_variant(requested: str | None, tiny: str | None, src: ModelSource, tconfig) -> Variant:

@@ -123,9 +123,10 @@ def _wire_cross_tab(ctx, header, tabs, gen_tabs, gal, models, tab_blocks) -> Non
         inputs = call(studio.image_inputs, image_id, studio.owner_for(request)) if image_id else {}
         return reuse(fields, inputs)
 
-    gal.reuse_btn.click(reuse_selected, [gal.selected_fields, gal.selected_id], [*targets, tabs], queue=False,
+    # queued (one at a time): reuse decodes the stored init image and mask for the editor
+    gal.reuse_btn.click(reuse_selected, [gal.selected_fields, gal.selected_id], [*targets, tabs],
                         **private)
-    gal.png_reuse.click(reuse, gal.png_fields, [*targets, tabs], queue=False, **private)
+    gal.png_reuse.click(reuse, gal.png_fields, [*targets, tabs], **private)
 
     # Model changes: header, and the recommended steps / guidance / SLG offer in the main tabs.
     main_tabs = [gen_tabs["txt2img"], gen_tabs["img2img"], gen_tabs["inpaint"]]
