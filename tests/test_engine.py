@@ -181,6 +181,27 @@ def test_img2img_dtype_is_explicit_for_half_precision(tiny_family, tmp_path):
     assert i2i.transformer.dtype == torch.bfloat16 and i2i.text_encoder_3.dtype == torch.bfloat16
 
 
+def test_img2img_and_inpaint_keep_an_fp8_transformer_in_fp8(tiny_family, tmp_path):
+    """The sibling pipelines reuse the component objects as they are: fp8 layerwise storage is not
+    undone (from_pipe(dtype=bf16) would cast it back to a full bf16 copy)."""
+    import torch
+
+    from studio.config import StudioConfig
+    from studio.memory import get_preset
+    from studio.models import ModelManager, placement_from_preset
+
+    placement = placement_from_preset(get_preset("fp8-layerwise"), "cpu", validate_on_cpu=True)
+    manager = ModelManager(StudioConfig(data_dir=tmp_path), placement=placement)
+    loaded = manager.load(str(tiny_family["sd3-medium"]))
+
+    def fp8_params(pipe):
+        return sum(p.dtype == torch.float8_e4m3fn for p in pipe.transformer.parameters())
+
+    assert fp8_params(loaded.pipe) > 0
+    for sibling in (manager.img2img(loaded), manager.inpaint(loaded)):
+        assert sibling.transformer is loaded.pipe.transformer and fp8_params(sibling) == fp8_params(loaded.pipe)
+
+
 def test_turbo_uses_the_turbo_variant(engine):
     result = engine.generate(GenerationRequest("a red fox", mode="turbo", seed=3))
     m = result.images[0].metadata

@@ -346,18 +346,16 @@ class ModelManager:
             yield self.current
 
     def img2img(self, loaded: LoadedModel):
-        """The img2img pipeline sharing every component (explicit dtype: no fp32 upcast)."""
+        """The img2img pipeline, built from the loaded pipeline's own component objects."""
         from diffusers import StableDiffusion3Img2ImgPipeline
 
         with self.lock:
             if self._img2img is None or self._img2img[0] is not loaded:
-                pipe = StableDiffusion3Img2ImgPipeline.from_pipe(loaded.pipe, dtype=loaded.dtype)
-                pipe.set_progress_bar_config(disable=True)
-                self._img2img = (loaded, pipe)
+                self._img2img = (loaded, _sibling(StableDiffusion3Img2ImgPipeline, loaded.pipe))
             return self._img2img[1]
 
     def inpaint(self, loaded: LoadedModel):
-        """The inpaint pipeline sharing every component (explicit dtype: no fp32 upcast).
+        """The inpaint pipeline, built from the loaded pipeline's own component objects.
 
         SD3's transformers have 16 input channels: diffusers then blends the source latents back
         outside the mask at every step (no dedicated inpainting model needed)."""
@@ -365,9 +363,7 @@ class ModelManager:
 
         with self.lock:
             if self._inpaint is None or self._inpaint[0] is not loaded:
-                pipe = StableDiffusion3InpaintPipeline.from_pipe(loaded.pipe, dtype=loaded.dtype)
-                pipe.set_progress_bar_config(disable=True)
-                self._inpaint = (loaded, pipe)
+                self._inpaint = (loaded, _sibling(StableDiffusion3InpaintPipeline, loaded.pipe))
             return self._inpaint[1]
 
     # -- LoRA --
@@ -432,6 +428,18 @@ class ModelManager:
         if self.current is None:
             return []
         return sorted(_adapters_of(self.current.pipe))
+
+
+def _sibling(cls, pipe):
+    """Another SD3 pipeline class over the very same component objects: nothing is copied, cast or
+    moved. (``from_pipe(dtype=…)`` would re-cast every module: it turns an fp8 layerwise-cast
+    transformer back into bf16, a full bf16 peak, and without ``dtype`` it upcasts to fp32.)"""
+    import inspect
+
+    names = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    sibling = cls(**{k: v for k, v in pipe.components.items() if k in names})
+    sibling.set_progress_bar_config(disable=True)
+    return sibling
 
 
 def _adapters_of(pipe) -> set[str]:
