@@ -263,7 +263,7 @@ def inspect_file(path: str | os.PathLike) -> FileInfo:
     if path.suffix.lower() == ".gguf":
         from studio.models.gguf import gguf_header
 
-        tensors = gguf_header(path)
+        tensors = {k: TensorInfo(*v) for k, v in gguf_header(path).items()}
     else:
         tensors = read_header(path)
     return _file_info(path, tensors)
@@ -333,8 +333,9 @@ def _storage(info: FileInfo) -> dict:
 
         out = gguf_tensor_bytes(info.path)
         return {**out, "kind": "gguf", "scaled_fp8": False, "scaled_matrices": 0,
-                "loads_as": "gguf: quantized tensors stay quantized (dequantized per layer at compute); "
-                            "F32/F16 tensors are cast to the compute dtype"}
+                "loads_as": "quantized_bytes + unquantized_params × the compute dtype's size (quantized "
+                            "matrices stay quantized; F32/F16 tensors and non-matrix quantized ones are "
+                            "cast to the compute dtype)"}
     keys = info._all_transformer_keys()
     by_dtype: dict[str, int] = {}
     params = 0
@@ -728,6 +729,16 @@ def _load_transformer(info: FileInfo, base: Path, placement: Placement):
 
     _quiet_diffusers()
     dtype = _dtype_of(placement)
+    if info.kind == "gguf":  # already quantized: the placement's own quantization does not apply
+        from studio.models.gguf import load_transformer
+
+        if _quant_kwargs(placement, "transformer"):
+            log.warning("%s is a GGUF file: its own quantization is used, not preset %s's", info.path.name,
+                        placement.name)
+        header = {k: (t.dtype, t.shape, t.start, t.end) for k, t in info.tensors.items()}
+        model = load_transformer(info.path, base, dtype, header)
+        _check_materialized(model, "transformer", info.path, base)
+        return model
     raw = _read_tensors(info.path, info.transformer_keys(), dtype, info.scales())
     # diffusers' converter expects the "model.diffusion_model." prefix (or none); normalise.
     sd = {SAI_PREFIX + k[len(info.prefix):]: v for k, v in raw.items()}

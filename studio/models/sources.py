@@ -65,7 +65,7 @@ def parse_source(spec: str) -> ModelSource:
                 "--model at the folder that holds model_index.json, or at a .safetensors file."
             )
         return ModelSource("folder", str(path.resolve()))
-    if path.suffix.lower() == ".safetensors":
+    if path.suffix.lower() in (".safetensors", ".gguf"):  # .gguf: a quantized transformer (models.gguf)
         if not path.is_file():
             raise ModelError(f"No such file: {path}. Check the path to the .safetensors file.")
         return ModelSource("file", str(path.resolve()))
