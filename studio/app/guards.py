@@ -25,6 +25,12 @@ LOGIN_WINDOW_S = 300.0  # … counted over this window
 LOGIN_LOCKOUT_S = 60.0  # and how long the lock-out lasts
 
 
+def _is_post(scope, route: str) -> bool:
+    """An HTTP POST to ``route`` (under any mount point, with or without a trailing slash)."""
+    return scope.get("type") == "http" and scope.get("method") == "POST" and \
+        scope.get("path", "").rstrip("/").endswith(route)
+
+
 async def _read_body(receive) -> tuple[bytes, list]:
     chunks, messages = [], []
     while True:
@@ -100,8 +106,6 @@ class FileRouteGuard:
         await self.app(scope, receive, send)
 
 
-
-
 class LoginThrottle:
     """Count failed logins per user name and per client address; lock out repeat offenders."""
 
@@ -138,8 +142,7 @@ class LoginThrottle:
                 self._failures.pop(k, None)
 
     async def __call__(self, scope, receive, send):
-        if scope.get("type") != "http" or scope.get("method") != "POST" or \
-                not scope.get("path", "").rstrip("/").endswith("/login"):
+        if not _is_post(scope, "/login"):
             await self.app(scope, receive, send)
             return
         body, messages = await _read_body(receive)
@@ -217,8 +220,7 @@ class CancelGuard:
         return None
 
     async def __call__(self, scope, receive, send):
-        if scope.get("type") != "http" or scope.get("method") != "POST" or \
-                not scope.get("path", "").rstrip("/").endswith("/cancel"):
+        if not _is_post(scope, "/cancel"):
             await self.app(scope, receive, send)
             return
         body, messages = await _read_body(receive)

@@ -18,6 +18,15 @@ from pathlib import Path
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
+def file_sha256(path) -> str:
+    """sha256 of a file's bytes, read in 1 MB chunks (uncached; see HashCache for the cached one)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 class HashCache:
     """sha256 of files, cached by (path, size, mtime) in a JSON file under the data dir.
 
@@ -70,12 +79,7 @@ class HashCache:
 
     @staticmethod
     def _digest(path: Path) -> str:
-        """sha256 of a file's bytes, read in 1 MB chunks."""
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
+        return file_sha256(path)
 
     def folder_identity(self, folder: Path, extra: str = "") -> str:
         h = hashlib.sha256(extra.encode())

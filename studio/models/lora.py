@@ -20,7 +20,6 @@ diffusers; ``ModelManager.activate_loras`` does the loading.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from studio.errors import StudioError
+from studio.models.identity import file_sha256
 from studio.models import kohya
 from studio.models.identity import addnet_digest
 
@@ -140,14 +140,6 @@ def check_format(keys: list[str], filename: str = "the file") -> bool:
             k.startswith(("text_encoder.", "text_encoder_2.")) for k in keys):
         raise LoraError(f"{filename} changes nothing the SD3 pipeline has.")
     return any(k.startswith(("text_encoder.", "text_encoder_2.")) for k in keys)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class LoraLibrary:

@@ -38,7 +38,6 @@ again straight after, so the super-resolution architectures work without torchvi
 from __future__ import annotations
 
 import enum
-import hashlib
 import logging
 import os
 import re
@@ -52,7 +51,7 @@ from pathlib import Path
 
 from studio.errors import ModelError
 from studio.models.hashes import MODEL_HASH_LEN
-from studio.models.identity import HashCache
+from studio.models.identity import HashCache, file_sha256
 from studio.models.lora import NAME_RE
 
 log = logging.getLogger(__name__)
@@ -270,14 +269,6 @@ def read_state_dict(path: Path, display: str | None = None) -> dict:
     return sd
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return (lines[0] if lines else type(e).__name__)[:300]
@@ -468,7 +459,7 @@ class UpscalerLibrary:
         identify(read_state_dict(src, display), display)  # refuses pickles and unknown files before copying
         existing = self._files().get(name)
         if existing is not None:
-            if _sha256(existing) != _sha256(src):
+            if file_sha256(existing) != file_sha256(src):
                 raise UpscalerError(f"A different upscaler named {name!r} is already in the upscalers folder; "
                                     "rename the file.")
             return self.info(name)
