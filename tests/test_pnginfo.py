@@ -141,7 +141,8 @@ def test_infotext_layout_and_registry_keys():
         assert needed in params
     assert "Denoising strength" not in params and "Batch size" not in params
     # every registry key is written for a full img2img request
-    full = dict(META, strength=0.6, mode="img2img", batch_size=4)
+    full = dict(META, strength=0.6, mode="img2img", batch_size=4, schedule="Karras", prompt_3="t5 text",
+                negative_prompt_3="t5 negative", emphasis="No norm", prompt_weighting=False)
     written = [k for k, _ in parse_param_line(to_infotext(full).split("\n")[-1])]
     assert written[: len(PARAMS)] == [p.key for p in PARAMS]
     assert fields_from_infotext(to_infotext(full))["strength"] == 0.6
@@ -219,14 +220,13 @@ def test_parse_real_a1111_infotext():
     assert (f["steps"], f["guidance"], f["seed"]) == (30, 7.0, 3501057452)
     assert (f["width"], f["height"]) == (832, 1216)
     assert f["variant"] == "sd3.5-large" and f["model"] == "sd3.5_large"
-    assert f["scheduler"] == "Karras" and f["sampler"] == "DPM++ 2M"
+    assert f["schedule"] == "Karras" and f["sampler"] == "DPM++ 2M"
     assert f["strength"] == 0.45 and f["mode"] == "img2img"
-    assert f["extra_params"] == {"Model hash": "4496b36d48",
-                                 "Lora hashes": "detail: 6e8ed4f7, other: 1a2b",
-                                 "Version": "v1.10.1"}
-    # unknown keys go back out unchanged (A1111 -> studio -> A1111 keeps them)
+    assert f["model_hash"] == "4496b36d48" and f["lora_hashes"]["detail"] == "6e8ed4f7"  # A1111's hashes, read
+    assert f["extra_params"] == {"Version": "v1.10.1"}
+    # keys go back out (A1111 -> studio -> A1111 keeps them)
     again = parse_infotext(to_infotext(f))
-    assert again["Lora hashes"] == raw["Lora hashes"] and again["Model hash"] == "4496b36d48"
+    assert again["Model hash"] == "4496b36d48"
 
 
 def test_infotext_to_fields_accepts_a1111_split_size_and_bad_values():
