@@ -12,6 +12,15 @@ against a number from another run, so it holds on a busy shared machine too:
 - ``startup_ratio``      ``launch.py --demo`` time to first HTTP 200 ÷ a bare gradio Blocks
                          hello-world started the same way. Goal ≤ 1.5.
 - ``gallery_page_ms`` / ``gallery_search_ms``  one page / one search over 10,000 entries. Goal ≤ 50 ms.
+- ``stepcache_<mode>_*`` the step cache (``studio.engine.stepcache``, Speed fast / faster) on the
+                         trained demo model (``studio.demo.trained_folder()``; the tiny random
+                         family until it ships) at 28 steps, each against the same image uncached:
+                         ``_skipped`` (fraction of transformer passes cached; goal for fast ≥ 0.35),
+                         ``_time_ratio`` (wall time cached ÷ uncached), ``_mad_255`` (mean
+                         absolute pixel difference, in 0–255 steps; goal for fast ≤ 4).
+- ``compile_ratio``      steady-state transformer forward time with ``torch.compile``d blocks
+                         (``studio.engine.compile``, inductor) ÷ eager, on the CPU; plus
+                         ``compile_first_s`` (the first, compiling call).
 
 The GPU benchmark (full-size architectures, presets, peak VRAM vs the planner) is
 ``python -m studio.bench_gpu``.
@@ -39,7 +48,15 @@ GOALS = {
     "startup_ratio": ("<=", 1.5),
     "gallery_page_ms": ("<=", 50.0),
     "gallery_search_ms": ("<=", 50.0),
+    "stepcache_fast_skipped": (">=", 0.35),
+    "stepcache_fast_mad_255": ("<=", 4.0),
 }
+STEPCACHE_PROMPTS = (
+    "a red circle on a blue background",
+    "a small green square at the top left on a white background",
+    "a big yellow triangle on a black background",
+    "a purple circle on the right on a grey background",
+)
 
 
 def _median_pair(a, b, repeat: int) -> tuple[float, float]:
@@ -127,13 +144,15 @@ def bench_prompt_cache(family: dict, work: Path, repeat: int) -> dict:
         module.register_forward_hook(lambda *a: passes.__setitem__("n", passes["n"] + 1))
     cached = Engine(manager)
     uncached = Engine(manager, prompt_cache=PromptCache(max_entries=0))
-    prompt, negative = "a red fox in the snow, photograph", "blurry"
-    cached.encode(pipe, loaded, prompt, negative, True, 256)  # the miss that fills the cache
+    from studio.engine import GenerationRequest
+
+    r = cached.prepare(GenerationRequest("a red fox in the snow, photograph", negative_prompt="blurry"), loaded)
+    cached.encode(pipe, loaded, r, True)  # the miss that fills the cache
     passes["n"] = 0
-    cached.encode(pipe, loaded, prompt, negative, True, 256)
+    cached.encode(pipe, loaded, r, True)
     hit_passes = passes["n"]
-    t_hit, t_miss = _median_pair(lambda: cached.encode(pipe, loaded, prompt, negative, True, 256),
-                                 lambda: uncached.encode(pipe, loaded, prompt, negative, True, 256), repeat)
+    t_hit, t_miss = _median_pair(lambda: cached.encode(pipe, loaded, r, True),
+                                 lambda: uncached.encode(pipe, loaded, r, True), repeat)
     return {"prompt_cache_ratio": t_hit / t_miss, "prompt_cache_hit_encoder_passes": hit_passes}
 
 
@@ -202,6 +221,106 @@ def bench_startup(work: Path, repeat: int) -> dict:
     return {"startup_ratio": s / h, "startup_studio_s": s, "startup_hello_s": h}
 
 
+def stepcache_model(work: Path) -> tuple[Path, str]:
+    """The model the step cache is measured on: the trained demo model when it ships, else the
+    tiny random family's SD3.5 Medium (its first block's residual behaves unlike a trained one's)."""
+    from studio.demo import DemoAssetsError, trained_folder
+
+    try:
+        return trained_folder(), "trained demo (assets/demo)"
+    except DemoAssetsError:
+        from studio.demo.tiny import build_tiny_family
+
+        folder = build_tiny_family(work / "family-stepcache", variants=["sd3.5-medium"])["sd3.5-medium"]
+        return folder, "tiny random sd3.5-medium (no trained demo model in assets/demo yet)"
+
+
+def bench_stepcache(work: Path, steps: int = 28, prompts=STEPCACHE_PROMPTS, modes=("fast", "faster")) -> dict:
+    """Each mode against the very same generation uncached (same prompt, seed, steps), timed in
+    alternating order; see the module docstring for the keys."""
+    import numpy as np
+    import torch
+
+    from studio.config import StudioConfig
+    from studio.engine.stepcache import StepCache
+    from studio.models import ModelManager
+
+    folder, label = stepcache_model(work)
+    pipe = ModelManager(StudioConfig(data_dir=work / "stepcache")).load(str(folder)).pipe
+    side = int(pipe.transformer.config.sample_size) * 8
+    variant_cfg = 4.5
+
+    def image(prompt, speed):
+        with StepCache(pipe.transformer, speed) as cache:
+            t0 = time.perf_counter()
+            out = pipe(prompt, num_inference_steps=steps, guidance_scale=variant_cfg, height=side, width=side,
+                       generator=torch.Generator().manual_seed(1), output_type="np").images[0]
+            seconds = time.perf_counter() - t0
+        return out, seconds, cache.stats
+
+    image(prompts[0], "off")  # warm-up
+    results: dict = {"stepcache_model": label, "stepcache_steps": steps, "stepcache_size": side}
+    exact = {}
+    for mode in modes:
+        t_off, t_on, mads, cached, passes = [], [], [], 0, 0
+        for i, prompt in enumerate(prompts):
+            order = ("off", mode) if i % 2 == 0 else (mode, "off")
+            for speed in order:
+                out, seconds, stats = image(prompt, speed)
+                if speed == "off":
+                    t_off.append(seconds)
+                    exact.setdefault(prompt, out)
+                else:
+                    t_on.append(seconds)
+                    cached, passes = cached + stats.skipped, passes + stats.passes
+                    on = out
+            mads.append(float(np.abs(on.astype(np.float64) - exact[prompt].astype(np.float64)).mean() * 255))
+        results[f"stepcache_{mode}_skipped"] = cached / max(passes, 1)
+        results[f"stepcache_{mode}_time_ratio"] = statistics.median(t_on) / statistics.median(t_off)
+        results[f"stepcache_{mode}_mad_255"] = statistics.mean(mads)
+    return results
+
+
+def bench_compile(work: Path, repeat: int, backend: str = "inductor") -> dict:
+    """Steady-state transformer forward, compiled blocks ÷ eager, on the CPU (the trained demo
+    model's transformer when it ships, else the tiny family's)."""
+    import copy
+
+    import torch
+
+    from studio.engine.compile import compile_transformer
+
+    folder, label = stepcache_model(work)
+    from diffusers import SD3Transformer2DModel
+
+    eager = SD3Transformer2DModel.from_pretrained(str(folder), subfolder="transformer").eval()
+    compiled = copy.deepcopy(eager)
+    cfg = eager.config
+    g = torch.Generator().manual_seed(0)
+    side = cfg.sample_size
+    inputs = dict(hidden_states=torch.randn(2, cfg.in_channels, side, side, generator=g),
+                  encoder_hidden_states=torch.randn(2, 77 + 256, cfg.joint_attention_dim, generator=g),
+                  pooled_projections=torch.randn(2, cfg.pooled_projection_dim, generator=g),
+                  timestep=torch.tensor([500.0, 500.0]), return_dict=False)
+    compile_transformer(compiled, backend=backend)
+
+    def call(model):
+        def run():
+            with torch.no_grad():
+                model(**inputs)
+        return run
+
+    t0 = time.perf_counter()
+    call(compiled)()
+    first = time.perf_counter() - t0
+    call(eager)()
+    t_compiled, t_eager = _median_pair(call(compiled), call(eager), repeat)
+    torch._dynamo.reset()
+    return {"compile_model": label, "compile_backend": backend, "compile_first_s": first,
+            "compile_eager_ms": t_eager * 1000, "compile_ms": t_compiled * 1000,
+            "compile_ratio": t_compiled / t_eager}
+
+
 def bench_gallery(n: int) -> dict:
     from studio.bench.gallery import run
 
@@ -213,7 +332,7 @@ def _verdict(key: str, value) -> str:
     if key not in GOALS:
         return ""
     op, goal = GOALS[key]
-    ok = value <= goal if op == "<=" else value == goal
+    ok = value <= goal if op == "<=" else value >= goal if op == ">=" else value == goal
     return f"{op} {goal:g}  {'ok' if ok else 'MISSED'}"
 
 
@@ -225,6 +344,9 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+BENCHES = ("overhead", "swap", "cache", "startup", "gallery", "stepcache", "compile")
+
+
 def run(only: list[str] | None = None, quick: bool = False, work: Path | None = None) -> dict:
     from studio.logs import quiet_libraries
     from studio.demo.tiny import build_tiny_family
@@ -232,7 +354,7 @@ def run(only: list[str] | None = None, quick: bool = False, work: Path | None = 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet_libraries()
     repeat = 3 if quick else 7
-    want = set(only or ["overhead", "swap", "cache", "startup", "gallery"])
+    want = set(only or BENCHES)
     tmp = None
     if work is None:
         tmp = tempfile.TemporaryDirectory(prefix="studio-bench-")
@@ -254,6 +376,11 @@ def run(only: list[str] | None = None, quick: bool = False, work: Path | None = 
             results.update(bench_startup(work, 1 if quick else 3))
         if "gallery" in want:
             results.update(bench_gallery(1000 if quick else 10_000))
+        if "stepcache" in want:
+            results.update(bench_stepcache(work, steps=8 if quick else 28,
+                                           prompts=STEPCACHE_PROMPTS[:1] if quick else STEPCACHE_PROMPTS))
+        if "compile" in want:  # quick: the eager backend (the same code without the C++ build)
+            results.update(bench_compile(work, repeat, backend="eager" if quick else "inductor"))
         return results
     finally:
         if tmp:
@@ -264,7 +391,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m studio.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print a JSON object of the ratios")
     p.add_argument("--quick", action="store_true", help="smaller models and fewer repeats (for tests)")
-    p.add_argument("--only", nargs="+", choices=["overhead", "swap", "cache", "startup", "gallery"])
+    p.add_argument("--only", nargs="+", choices=list(BENCHES))
     args = p.parse_args(argv)
     results = run(args.only, args.quick)
     if args.json:
