@@ -43,17 +43,24 @@ def test_tiny_json_runs_every_function_on_cpu(tmp_path, capsys):
         _assert_row(row)
         assert row["overhead_ratio"] == pytest.approx(row["s_per_image"] / row["bare_s_per_image"], rel=1e-3)
         assert (row["width"], row["height"], row["steps"]) == (256, 256, 2)
+        assert row["s_per_it"] == pytest.approx(row["s_per_image"] / 2, rel=1e-3)
+    first = ran[0]  # the step cache is measured on the first plan that runs, through Engine.generate
+    assert first["stepcache_steps"] == 8
+    for mode in bench_gpu.STEPCACHE_MODES:
+        assert 0 <= first[f"stepcache_{mode}_skipped"] <= 1 and first[f"stepcache_{mode}_time_ratio"] > 0
+        assert first[f"stepcache_{mode}_mad_255"] >= 0
     for row in results.values():
         if "skipped" in row:  # bf16 on a CPU without native bf16: says how to run it anyway
             assert row["preset"] == "cpu-bf16" and "--presets" in row["skipped"]
     table = bench_gpu.format_table(results)
     assert "sd3.5-large/cpu-fp32" in table and "overhead" in table
+    assert table.startswith("| variant / plan |") and "step cache fast" in table
 
 
 def test_tiny_compile_is_measured_apart(tmp_path):
     """--compile: a fresh load with compiled blocks (eager backend here: fast on a CPU)."""
     results = bench_gpu.run(["sd3.5-large"], ["cpu-fp32"], tiny=True, workdir=tmp_path, compile=True,
-                            compile_backend="eager", log=lambda m: None)
+                            compile_backend="eager", log=lambda m: None, stepcache=False)
     row = results["sd3.5-large/cpu-fp32"]
     _assert_row(row)
     assert "compile_error" not in row, row.get("compile_error")
@@ -65,7 +72,8 @@ def test_tiny_compile_is_measured_apart(tmp_path):
 @pytest.mark.slow
 def test_tiny_bf16_runs_when_named(tmp_path):
     """cpu-bf16 runs on any CPU when named (about a minute where the CPU has no native bf16)."""
-    results = bench_gpu.run(["sd3.5-large"], ["cpu-bf16"], tiny=True, workdir=tmp_path, log=lambda m: None)
+    results = bench_gpu.run(["sd3.5-large"], ["cpu-bf16"], tiny=True, workdir=tmp_path, log=lambda m: None,
+                            stepcache=False)
     _assert_row(results["sd3.5-large/cpu-bf16"])
 
 
@@ -146,21 +154,69 @@ def test_random_builder_writes_a_folder_that_loads_through_the_model_manager(tmp
 
 
 def test_presets_to_run_follows_the_planner_on_a_simulated_gpu(monkeypatch):
-    from studio.hardware import detect_hardware
+    """The default subset: the planner's choice for this GPU, then its choices for 24, 8 and 4 GB
+    cards on the same machine, each with the budget it was planned for."""
+    from studio import memory
+    from studio.hardware import GB, detect_hardware
 
     monkeypatch.setattr("studio.hardware._real_gpus", lambda: [])
     hw = detect_hardware(vram_gb=80, ram_gb=128)
-    out = {c.preset.name: c for c in bench_gpu.presets_to_run("sd3.5-large", hw, 1024, 1024)}
-    assert "cpu-fp32" not in out and "mps" not in out  # the machine's device only
-    assert out["full"].skipped is None and out["full"].recommended and out["full"].estimate.peak_bytes > 0
-    assert "2 CUDA GPUs" in out["multi-gpu-balanced"].skipped
-    assert "--presets" in out["sequential-offload"].skipped  # slow: only when named
-    small = {c.preset.name: c for c in bench_gpu.presets_to_run("sd3.5-large", detect_hardware(vram_gb=8, ram_gb=64), 1024, 1024)}
+    out = bench_gpu.presets_to_run("sd3.5-large", hw, 1024, 1024)
+    assert out[0].preset.name == "full" and out[0].recommended and out[0].budget_bytes is None
+    assert out[0].estimate.peak_bytes > 0 and out[0].skipped is None
+    planned = {c.planned_for: c for c in out[1:]}
+    assert set(planned) <= {"24 GB", "8 GB", "4 GB"} and "4 GB" in planned
+    for label, c in planned.items():
+        card = detect_hardware(vram_gb=float(label.split()[0]), ram_gb=128)
+        assert c.preset.name == memory.choose(card, "sd3.5-large").preset
+        assert c.budget_bytes == int(float(label.split()[0]) * GB) and c.estimate.peak_bytes <= c.budget_bytes
+        assert not c.recommended and c.preset.device == "cuda"
+    assert len({c.preset.name for c in out}) == len(out)  # deduplicated
+    small = {c.preset.name: c for c in bench_gpu.presets_to_run("sd3.5-large", detect_hardware(vram_gb=8, ram_gb=64),
+                                                                 1024, 1024, ["full", "nf4+t5-cpu+group-offload"])}
     assert small["full"].skipped and "needs" in small["full"].skipped
+    assert small["nf4+t5-cpu+group-offload"].skipped is None
     named = bench_gpu.presets_to_run("sd3.5-large", hw, 1024, 1024, ["sequential-offload"])
     assert [c.preset.name for c in named] == ["sequential-offload"] and named[0].skipped is None
     with pytest.raises(ValueError, match="Unknown preset"):
         bench_gpu.presets_to_run("sd3.5-large", hw, 1024, 1024, ["turbo-max"])
+
+
+def test_the_time_budget_skips_what_would_start_late(tmp_path):
+    results = bench_gpu.run(["sd3.5-large"], ["cpu-fp32"], tiny=True, workdir=tmp_path, log=lambda m: None,
+                            budget_s=0.0)
+    row = results["sd3.5-large/cpu-fp32"]
+    assert "time budget" in row["skipped"] and "--budget-s" in row["skipped"]
+
+
+def test_bare_recipes_cover_the_axes(tiny_family):
+    assert "no bare-diffusers recipe" in bench_gpu.bare_recipe_problem(get_preset("nf4+t5-cpu+group-offload"))
+    assert bench_gpu.bare_recipe_problem(get_preset("nf4-t5-8bit-offload")) is None
+    pipe = bench_gpu.bare_pipeline(str(tiny_family["sd3.5-large"]), get_preset("cpu+fp32+vae-tiling"), "cpu")
+    assert pipe.vae.use_tiling and pipe.vae.tile_sample_min_size == 512 and pipe.vae.tile_latent_min_size == 64
+    with pytest.raises(ValueError, match="CPU"):
+        bench_gpu.bare_pipeline(str(tiny_family["sd3.5-large"]), get_preset("bf16+t5-cpu"), "cuda")
+
+
+def test_the_table_is_markdown_with_every_column():
+    rows = {
+        "sd3.5-large/full": {"recommended": True, "s_per_it": 0.31, "bare_s_per_it": 0.30, "overhead_ratio": 1.02,
+                             "measured_bytes": 30 * 2**30, "estimate_bytes": 31 * 2**30, "estimate_ratio": 1.02,
+                             "stepcache_fast_skipped": 0.4, "stepcache_fast_time_ratio": 0.66,
+                             "stepcache_fast_mad_255": 2.1, "stepcache_faster_skipped": 0.6,
+                             "stepcache_faster_time_ratio": 0.5, "stepcache_faster_mad_255": 4.5},
+        "sd3.5-large/nf4+t5-cpu+group-offload": {"planned_for": "4 GB", "s_per_it": 0.9, "bare": "none",
+                                                 "measured_bytes": 3 * 2**30, "estimate_bytes": 3.5 * 2**30,
+                                                 "estimate_ratio": 0.98, "budget_bytes": 4 * 2**30,
+                                                 "fits_budget": True},
+        "sd3.5-large/sequential-offload": {"skipped": "about 15× slower"},
+    }
+    table = bench_gpu.format_table(rows).splitlines()
+    assert table[0].startswith("| variant / plan | for | s/it | bare s/it")
+    assert all(line.count("|") == table[0].count("|") for line in table[:5])
+    assert "★ sd3.5-large/full" in table[2] and "40 % · ×0.66 · 2.1" in table[2] and "1.020 ok" in table[2]
+    assert "| 4 GB |" in table[3] and "| yes |" in table[3] and "| — |" in table[3]
+    assert "skipped: about 15× slower" in table[4]
 
 
 def test_without_cuda_the_gpu_mode_says_to_use_tiny(monkeypatch, capsys):

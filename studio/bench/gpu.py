@@ -1,35 +1,50 @@
 """The GPU benchmark: ``python -m studio.bench_gpu [--variants ...] [--presets ...] [--steps N]
-[--compile] [--json] [--workdir DIR] [--tiny]``.
+[--compile] [--json] [--workdir DIR] [--budget-s S] [--tiny]``.
 
-For every memory preset that runs and fits on this GPU (``Preset.check`` + the planner's
-``estimate`` / ``fits``; the one ``choose`` picks is marked), with full-size SD3.5 Medium and
-Large architectures and **random weights** (speed and memory do not depend on weight values):
+With full-size SD3.5 Medium and Large architectures and **random weights** (speed and memory do
+not depend on weight values), for a subset of plans chosen to fit about 8 minutes on one H100 /
+H200 (``--presets`` names others, named or composed):
 
-- ``s_per_image``       studio ``Engine.generate`` at 1024² with the variant's recommended steps,
-                        guidance and Skip Layer Guidance (median of ``--repeat`` after a warm-up).
-- ``bare_s_per_image``  the same recipe written with bare diffusers (``bare_pipeline``:
+* the planner's choice for this GPU (★), then its choices for the same machine with the GPU
+  simulated at ``PLAN_VRAM_GB`` (24, 8 and 4 GB) — so the measured peak of the very plans a
+  24 / 8 / 4 GB card would get is held against that card's size (``budget_bytes``, ``fits_budget``);
+* the step cache (Speed fast / faster, ``studio.engine.stepcache``) on the first plan at the
+  variant's recommended steps.
+
+Per plan:
+
+- ``s_per_it`` / ``s_per_image``  studio ``Engine.generate`` at 1024² with ``--steps`` (default
+                        10: s/it is what matters), the variant's guidance and Skip Layer Guidance
+                        (median of ``--repeat`` after a warm-up).
+- ``bare_s_per_it``     the same recipe written with bare diffusers (``bare_pipeline``:
                         ``StableDiffusion3Pipeline.from_pretrained`` with the quantization configs
-                        and the offload / casting calls written out) in the same run;
-                        ``overhead_ratio`` = studio ÷ bare (goal ≤ 1.03).
+                        and the offload / casting / tiling calls written out) in the same run;
+                        ``overhead_ratio`` = studio ÷ bare (goal ≤ 1.03). A plan with no bare
+                        equivalent (T5 kept on the CPU is the studio's own hook) has none.
 - ``peak_bytes``        ``torch.cuda.max_memory_allocated`` over load + generations (studio path),
                         ``peak_reserved_bytes`` (``max_memory_reserved``), ``context_bytes`` (the
                         CUDA context and what else held the GPU before loading: device used −
                         reserved), ``measured_bytes`` = reserved + context (what the process
                         really held on the GPU).
-- ``estimate_bytes``    the planner's peak for that preset (what ``launch.py plan`` prints, which
+- ``estimate_bytes``    the planner's peak for that plan (what ``launch.py plan`` prints, which
                         includes a ``SAFETY_MARGIN_BYTES`` of headroom);
                         ``estimate_ratio`` = (estimate − margin) ÷ measured (goal: within 10 %);
                         ``estimate_alloc_ratio`` = (estimate − margin − modelled CUDA context) ÷
                         ``peak_bytes`` (tensors only).
-- ``compile_*``         with ``--compile`` (``with_compile``: every ``transformer_blocks[i]``
-                        compiled; ``compile_repeated_blocks()`` raises for SD3): a fresh load,
-                        ``compile_first_s`` (the first call, compilation included) apart from
-                        ``compile_s_per_image`` (steady state), ``compile_speedup``,
-                        ``compile_peak_bytes``.
+- ``stepcache_<mode>_*`` ``_skipped`` (fraction of transformer passes cached), ``_time_ratio``
+                        (cached ÷ uncached wall time), ``_mad_255`` (mean absolute pixel
+                        difference to the uncached image, 0–255 steps), at ``stepcache_steps``.
+- ``compile_*``         with ``--compile`` (``studio.engine.compile.with_compile``: every
+                        ``transformer_blocks[i]`` compiled; ``compile_repeated_blocks()`` raises for
+                        SD3): a fresh load, ``compile_first_s`` (the first call, compilation
+                        included) apart from ``compile_s_per_image`` (steady state),
+                        ``compile_speedup``, ``compile_peak_bytes``.
 
 Each prompt differs per image (``"…, take N"``), so both paths run the text encoders every
 time (the studio's prompt cache would otherwise skip them). The studio and bare paths run one
 after the other (both resident at once would not fit the big presets), each warmed up first.
+``--budget-s`` (default 360) stops starting new plans once that much time has passed since the
+start; the rest are reported as skipped, so one command ends within about 8 minutes.
 
 Full-size random weights need no download: ``build_random_family`` instantiates every component
 from the real configs in ``studio.catalog`` (on the GPU when there is one: seconds, not minutes),
@@ -39,18 +54,18 @@ file into each variant's folder (Medium + Large ≈ 32 GB on disk). Tokenizers c
 tiny family: they produce small ids, which every real-size embedding accepts. The folders load
 through the studio's real ``ModelManager`` path, quantized presets included.
 
-``--tiny`` runs the same code on the CPU with the tiny family (``studio.tiny``, Large), the CPU
+``--tiny`` runs the same code on the CPU with the tiny family (``studio.demo.tiny``, Large), the CPU
 presets (cpu-fp32, cpu-bf16 — bf16 only where the CPU has native bf16 or when named in
-``--presets``: elsewhere its convolutions take half a minute per image), 256², 2 steps, one image
-per path, so that nothing here rots where there is no GPU. There,
+``--presets``: elsewhere its convolutions take half a minute per image), 256², 2 steps (the step
+cache at 8), one image per path, so that nothing here rots where there is no GPU. There,
 peak memory is the process RSS delta (sampled during load and generation) and the estimate comes
 from ``folder_estimate`` (``memory.weight_bytes`` of the folder's own configs + the planner's
 activation formulas). Tiny numbers are smoke values: a 2 MB model is lost in allocator noise.
 
-Time on an H100 (rough): building Medium + Large 3–6 min once; then per (variant, preset) a load
-and (1 + repeat) images on each path — 1–2 min for Large at 28 steps. Bound it with ``--steps``,
-``--presets``, ``--variants`` and ``--repeat``; ``--build-only`` builds the folders and stops.
-Presets ``speed_factor`` ≥ 10 (sequential offload) run only when named in ``--presets``.
+Time on an H100 / H200 (rough): building Medium + Large 2–4 min once (reused from ``--workdir``);
+then per plan a load and (1 + repeat) images on each path — under a minute for most plans at 10
+steps. ``--build-only`` builds the folders and stops. Plans with ``speed_factor`` ≥ 10
+(sequential offload) run only when named in ``--presets``.
 """
 
 from __future__ import annotations
@@ -76,6 +91,10 @@ TINY_VARIANTS = ("sd3.5-large",)  # bf16 convolutions crawl on CPUs without AVX5
 PROMPT = "a red fox in the snow, photograph"
 SEED = 1
 SLOW_SPEED_FACTOR = 10.0  # presets at least this slow run only when named
+PLAN_VRAM_GB = (24, 8, 4)  # the cards whose plans the bench also measures (simulated budgets)
+GPU_STEPS = 10  # timing steps on a GPU (s/it is per step); the step cache uses the variant's own
+BUDGET_S = 360.0  # no new plan starts after this many seconds (one command in about 8 minutes)
+STEPCACHE_MODES = ("fast", "faster")
 GOALS = {"overhead_ratio": ("<=", 1.03), "estimate_ratio": ("within", 0.10)}
 
 COMPONENT_CLASSES = {
@@ -349,7 +368,8 @@ def folder_estimate(folder: str | os.PathLike, preset, width: int, height: int,
                 attention_matrix=preset.device == "mps")
         elif component == "vae":
             act[component] = memory.vae_decode_bytes(config, width, height, el,
-                                                     attention_matrix=preset.device == "mps")
+                                                     attention_matrix=preset.device == "mps",
+                                                     device=preset.device, tiled=preset.vae == "tiled")
         else:
             seq = max_sequence_length if component == "text_encoder_3" else memory.CLIP_TOKENS
             act[component] = memory.text_encoder_activation_bytes(config, seq, batch, el)
@@ -365,75 +385,106 @@ def folder_estimate(folder: str | os.PathLike, preset, width: int, height: int,
 
 @dataclasses.dataclass
 class Candidate:
-    preset: object  # memory.Preset
+    preset: object  # memory.Preset (named or composed)
     estimate: object | None  # memory.Estimate (None in tiny mode)
     skipped: str | None = None  # why it does not run here
     recommended: bool = False  # the planner's choice for this machine
+    budget_bytes: int | None = None  # the simulated card the planner chose it for
+    planned_for: str | None = None  # e.g. "8 GB"
 
 
 def presets_to_run(variant: str, hardware, width: int, height: int,
-                   names: list[str] | None = None) -> list[Candidate]:
-    """Every preset for ``hardware``'s device with the reason it is skipped, if it is: it cannot
-    run here (``check``), does not fit (``estimate`` + ``fits``), or is slower than
-    ``SLOW_SPEED_FACTOR`` × full and was not named."""
+                   names: list[str] | None = None, plan_vram=PLAN_VRAM_GB) -> list[Candidate]:
+    """The plans to measure, each with the reason it is skipped, if it is.
+
+    Without ``names``: the planner's choice for ``hardware`` (recommended), then its choices for
+    the same machine with the GPU simulated at each of ``plan_vram`` GB (deduplicated; each
+    remembers the budget it was planned for). With ``names`` (named or composed presets): those,
+    each checked (``check``) and fitted (``estimate`` + ``fits``) against this machine. A plan
+    slower than ``SLOW_SPEED_FACTOR`` × full runs only when named. Raises ValueError for an
+    unknown name.
+    """
     from studio import memory
+    from studio.hardware import Gpu, Hardware
 
     plan = memory.choose(hardware, variant, width, height)
-    out = []
-    for p in memory.presets_by_rank():
-        if p.device != hardware.device or (names and p.name not in names):
+    out: list[Candidate] = []
+    if names:
+        for name in names:
+            try:
+                p = memory.get_preset(name)
+            except KeyError as e:
+                raise ValueError(f"Unknown preset {name!r}: {e.args[0]}") from None
+            c = Candidate(p, None, recommended=plan.fits and p.name == plan.preset)
+            c.skipped = p.check(hardware)
+            if c.skipped is None:
+                c.estimate = memory.estimate(variant, p, width, height, hardware=hardware)
+                c.skipped = memory.fits(c.estimate, p, hardware)
+            out.append(c)
+        return out
+    seen = set()
+    machines = [(hardware, None)]
+    if hardware.device == "cuda" and hardware.gpus:
+        for gb_ in plan_vram:
+            size = int(gb_ * 2**30)
+            if size >= hardware.vram_bytes:
+                continue
+            gpus = [dataclasses.replace(g, total_bytes=size, free_bytes=size) for g in hardware.gpus[:1]]
+            machines.append((dataclasses.replace(hardware, gpus=gpus), f"{gb_:g} GB"))
+    for hw, label in machines:
+        chosen = memory.choose(hw, variant, width, height) if label else plan
+        p = chosen.preset_obj
+        if p.name in seen:
             continue
-        c = Candidate(p, None, recommended=plan.fits and p.name == plan.preset)
-        c.skipped = p.check(hardware)
-        if c.skipped is None:
-            c.estimate = memory.estimate(variant, p, width, height, hardware=hardware)
-            c.skipped = memory.fits(c.estimate, p, hardware)
-        if c.skipped is None and not names and p.speed_factor >= SLOW_SPEED_FACTOR:
+        seen.add(p.name)
+        c = Candidate(p, chosen.estimate, recommended=label is None and chosen.fits,
+                      budget_bytes=hw.vram_bytes if label else None, planned_for=label)
+        if not chosen.fits:
+            c.skipped = f"the planner finds nothing that fits{' ' + label if label else ''}: {chosen.reason}"
+        elif p.speed_factor >= SLOW_SPEED_FACTOR:
             c.skipped = f"about {p.speed_factor:g}× slower than full; name it in --presets to run it"
         out.append(c)
-    unknown = set(names or ()) - set(memory.PRESETS)
-    if unknown:
-        raise ValueError(f"Unknown preset(s) {', '.join(sorted(unknown))}: one of {', '.join(memory.PRESETS)}.")
+    del Gpu, Hardware
     return out
 
 
-# --- the compile flag ---------------------------------------------------------------------------
+# --- the compile flag: studio.engine.compile ----------------------------------------------------
 
 
 def compile_blocks(pipe, backend: str = "inductor", mode: str | None = None) -> int:
-    """``torch.compile`` each ``pipe.transformer.transformer_blocks[i]`` in place (SD3 has no
-    ``compile_repeated_blocks``). Idempotent; returns how many blocks were newly compiled."""
-    n = 0
-    for block in pipe.transformer.transformer_blocks:
-        if getattr(block, "_compiled_call_impl", None) is None:
-            block.compile(backend=backend, mode=mode)
-            n += 1
-    return n
+    """``studio.engine.compile.compile_transformer`` on ``pipe.transformer``."""
+    from studio.engine.compile import compile_transformer
+
+    return compile_transformer(pipe.transformer, backend, mode)
 
 
-def with_compile(placement, backend: str = "inductor", mode: str | None = None):
-    """A preset's Placement with compiled transformer blocks: the compile flag of a preset.
+def with_compile(placement, backend: str = "inductor", mode: str | None = None, progress=None):
+    """``studio.engine.compile.with_compile`` (the placement's name gets ``+compile``)."""
+    from studio.engine.compile import with_compile as compiled
 
-    Its name gets ``+compile`` so the model manager never hands a compiled transformer to an
-    uncompiled placement (the name is part of a loaded component's identity)."""
-    base = placement.apply
-    device = placement.device
-
-    def apply(pipe):
-        pipe = base(pipe) if base else pipe.to(device)
-        compile_blocks(pipe, backend, mode)
-        return pipe
-
-    return dataclasses.replace(placement, name=f"{placement.name}+compile", apply=apply)
+    return compiled(placement, backend, mode, progress)
 
 
 # --- the bare-diffusers recipe ------------------------------------------------------------------
+
+
+def bare_recipe_problem(preset) -> str | None:
+    """Why a plan has no bare-diffusers equivalent to time against (None when it has one)."""
+    if preset.t5 == "cpu":
+        return "T5 kept on the CPU is the studio's own hook: no bare-diffusers recipe"
+    if preset.transformer == "gguf":
+        return "a GGUF transformer needs a GGUF file: not built here"
+    return None
 
 
 def bare_pipeline(folder, preset, device: str):
     """The preset's recipe written with bare diffusers, independent of the studio's own code."""
     import torch
     from diffusers import StableDiffusion3Pipeline
+
+    problem = bare_recipe_problem(preset)
+    if problem:
+        raise ValueError(problem)
 
     kwargs: dict = {"dtype": preset.dtype}
     mapping = {}
@@ -442,6 +493,13 @@ def bare_pipeline(folder, preset, device: str):
 
         mapping["transformer"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                     bnb_4bit_compute_dtype=preset.dtype)
+    elif preset.transformer in ("ao-int8", "ao-fp8"):
+        from diffusers import TorchAoConfig
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Int8WeightOnlyConfig, PerRow
+
+        mapping["transformer"] = TorchAoConfig(
+            Int8WeightOnlyConfig() if preset.transformer == "ao-int8"
+            else Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
     if preset.t5 == "int8":
         from transformers import BitsAndBytesConfig
 
@@ -474,6 +532,10 @@ def bare_pipeline(folder, preset, device: str):
         pipe.enable_sequential_cpu_offload(device=device)
     elif preset.placement == "resident":
         pipe.to(device)
+    if preset.vae == "tiled":
+        pipe.vae.enable_tiling()
+        pipe.vae.enable_slicing()
+        pipe.vae.tile_sample_min_size, pipe.vae.tile_latent_min_size = 512, 64
     return pipe
 
 
@@ -574,10 +636,11 @@ class PeakMeter:
         return False
 
 
-def measure(load, generate, device: str, repeat: int, warmup: int = 1) -> dict:
+def measure(load, generate, device: str, repeat: int, warmup: int = 1, after=None) -> dict:
     """Load once, generate ``warmup`` untimed + ``repeat`` timed images (image ``i`` gets prompt
     ``i``): {load_s, first_s (the first image, warm-up or not), s_per_image (median of the timed
-    ones), peak_bytes, peak_reserved_bytes}."""
+    ones), peak_bytes, peak_reserved_bytes}. ``after(state)`` runs last on the loaded state and
+    its dict joins the result."""
     import torch
 
     def timed(fn, *args):
@@ -592,10 +655,45 @@ def measure(load, generate, device: str, repeat: int, warmup: int = 1) -> dict:
     with PeakMeter(device) as meter:
         load_s, state = timed(load)
         times = [timed(generate, state, i)[0] for i in range(warmup + repeat)]
+        extra = after(state) if after else {}
         del state
     free_all()
     return {"load_s": load_s, "first_s": times[0], "s_per_image": statistics.median(times[warmup:]),
-            **meter.result}
+            **meter.result, **extra}
+
+
+def stepcache_ratios(engine, request, device: str, steps: int, skip_layers=None, modes=STEPCACHE_MODES) -> dict:
+    """Each Speed mode against the same image uncached (same prompt, seed and steps) through
+    ``Engine.generate``: {stepcache_steps, stepcache_<mode>_skipped / _time_ratio / _mad_255}, or
+    {"stepcache_error": reason} where the step cache does not run (group offload)."""
+    import numpy as np
+    import torch
+
+    from studio.engine.stepcache import StepCache
+    from studio.errors import ValidationError
+
+    transformer = engine.models.current.pipe.transformer
+
+    def image(speed):
+        with StepCache(transformer, speed, skip_layers) as cache:
+            t0 = time.perf_counter()
+            result = engine.generate(request(steps))
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+        return np.asarray(result.images[0].image, dtype=np.float64), seconds, cache.stats
+
+    out: dict = {"stepcache_steps": steps}
+    try:
+        exact, t_off, _ = image("off")
+        for mode in modes:
+            img, seconds, stats = image(mode)
+            out[f"stepcache_{mode}_skipped"] = stats.skipped_fraction
+            out[f"stepcache_{mode}_time_ratio"] = seconds / t_off
+            out[f"stepcache_{mode}_mad_255"] = float(np.abs(img - exact).mean())
+    except ValidationError as e:
+        out = {"stepcache_error": str(e)}
+    return out
 
 
 def prompt_for(i: int) -> str:
@@ -605,9 +703,11 @@ def prompt_for(i: int) -> str:
 def run_one(folder, variant: str, preset, hardware, width: int, height: int, steps: int | None,
             repeat: int, warmup: int, data_dir: Path, compile: bool = False,
             compile_backend: str = "inductor", compile_mode: str | None = None,
-            estimate_bytes: int | None = None) -> dict:
-    """One (variant, preset): the studio path, the bare-diffusers path and, with ``compile``,
-    the studio path with compiled blocks. Returns the result row (see the module docstring)."""
+            estimate_bytes: int | None = None, stepcache_steps: int | None = None,
+            budget_bytes: int | None = None) -> dict:
+    """One (variant, preset): the studio path, the bare-diffusers path, with ``stepcache_steps``
+    the step cache's ratios at that many steps, and with ``compile`` the studio path with compiled
+    blocks. Returns the result row (see the module docstring)."""
     import torch
 
     from studio import catalog, memory
@@ -618,8 +718,8 @@ def run_one(folder, variant: str, preset, hardware, width: int, height: int, ste
     device = hardware.device
     v = catalog.get_variant(variant)
 
-    def request(i):
-        return GenerationRequest(prompt_for(i), steps=steps, seed=SEED, width=width, height=height)
+    def request(i, n=steps):
+        return GenerationRequest(prompt_for(i), steps=n, seed=SEED, width=width, height=height)
 
     r = validate(request(0), v, native_size=(width, height))  # the recipe, as the studio resolves it
     call = dict(negative_prompt="", num_inference_steps=r.steps, guidance_scale=r.guidance,
@@ -651,12 +751,25 @@ def run_one(folder, variant: str, preset, hardware, width: int, height: int, ste
     if device.startswith("cuda"):
         free_all()
         row["context_bytes"] = cuda_context_bytes()
-    s = measure(*studio(placement), device, repeat, warmup)
-    b = measure(bare_load, bare_generate, device, repeat, warmup)
+    after = None
+    if stepcache_steps:
+        slg_layers = r.slg["layers"] if r.slg else None
+
+        def after(engine):
+            return stepcache_ratios(engine, lambda n: request(10_000, n), device, stepcache_steps, slg_layers)
+
+    s = measure(*studio(placement), device, repeat, warmup, after=after)
     row.update({k: s[k] for k in ("s_per_image", "first_s", "load_s", "peak_bytes", "peak_reserved_bytes")})
-    row.update({"bare_s_per_image": b["s_per_image"], "bare_load_s": b["load_s"],
-                "bare_peak_bytes": b["peak_bytes"], "bare_peak_reserved_bytes": b["peak_reserved_bytes"]})
-    row["overhead_ratio"] = s["s_per_image"] / b["s_per_image"]
+    row.update({k: v for k, v in s.items() if k.startswith("stepcache_")})
+    row["s_per_it"] = s["s_per_image"] / r.steps
+    if bare_recipe_problem(preset) is None:
+        b = measure(bare_load, bare_generate, device, repeat, warmup)
+        row.update({"bare_s_per_image": b["s_per_image"], "bare_load_s": b["load_s"],
+                    "bare_peak_bytes": b["peak_bytes"], "bare_peak_reserved_bytes": b["peak_reserved_bytes"]})
+        row["bare_s_per_it"] = b["s_per_image"] / r.steps
+        row["overhead_ratio"] = s["s_per_image"] / b["s_per_image"]
+    else:
+        row["bare"] = bare_recipe_problem(preset)
     if device.startswith("cuda"):
         row["measured_bytes"] = s["peak_reserved_bytes"] + row["context_bytes"]
         margin = memory.SAFETY_MARGIN_BYTES
@@ -667,6 +780,9 @@ def run_one(folder, variant: str, preset, hardware, width: int, height: int, ste
         margin = 0
     row["estimate_bytes"] = estimate_bytes
     row["estimate_ratio"] = (estimate_bytes - margin) / max(row["measured_bytes"], 1)
+    if budget_bytes:
+        row["budget_bytes"] = budget_bytes
+        row["fits_budget"] = row["measured_bytes"] <= budget_bytes
     if compile:
         try:
             compiled = studio(with_compile(placement, compile_backend, compile_mode))
@@ -696,12 +812,16 @@ def run(variants=None, presets=None, steps: int | None = None, size: int | None 
         repeat: int | None = None, warmup: int | None = None, compile: bool = False,
         compile_backend: str = "inductor", compile_mode: str | None = None, tiny: bool = False,
         workdir: Path | None = None, build_only: bool = False, rebuild: bool = False,
-        log=None) -> dict:
+        log=None, budget_s: float | None = BUDGET_S, stepcache: bool = True,
+        stepcache_steps: int | None = None) -> dict:
     """The benchmark; returns {"variant/preset": row}. A preset that does not run here gives a
     row {"variant", "preset", "skipped": reason}. Without CUDA and without ``tiny`` raises
-    RuntimeError (the message says to pass --tiny)."""
+    RuntimeError (the message says to pass --tiny). ``budget_s``: no plan starts after that many
+    seconds (None: no limit); ``stepcache``: measure the step cache on each variant's first plan
+    at ``stepcache_steps`` (default: the variant's recommended steps; --tiny: 8)."""
     import torch
 
+    started = time.perf_counter()
     from studio import catalog, memory
     from studio.logs import quiet_libraries
     from studio.hardware import detect_hardware
@@ -722,6 +842,7 @@ def run(variants=None, presets=None, steps: int | None = None, size: int | None 
         presets = list(presets or TINY_PRESETS)
         size, steps, repeat = size or 256, steps or 2, repeat or 1
         warmup = 0 if warmup is None else warmup
+        stepcache_steps = stepcache_steps or 8
     else:
         variants = list(variants or DEFAULT_VARIANTS)
         warmup = 1 if warmup is None else warmup
@@ -729,7 +850,7 @@ def run(variants=None, presets=None, steps: int | None = None, size: int | None 
             raise RuntimeError("No CUDA GPU here: the GPU benchmark needs one. Run with --tiny for the "
                                "CPU smoke run of the same code.")
         hardware = detect_hardware()
-        size, repeat = size or 1024, repeat or 3
+        size, repeat, steps = size or 1024, repeat or 2, steps or GPU_STEPS
     tmp = None
     if workdir is None:
         if tiny:
@@ -768,8 +889,12 @@ def run(variants=None, presets=None, steps: int | None = None, size: int | None 
                     candidates.append(c)
             else:
                 candidates = presets_to_run(variant, hardware, size, size, presets)
+            cache_steps = (stepcache_steps or catalog.get_variant(variant).steps) if stepcache else None
             for c in candidates:
                 key = f"{variant}/{c.preset.name}"
+                if c.skipped is None and budget_s is not None and time.perf_counter() - started > budget_s:
+                    c.skipped = (f"time budget: {budget_s:g} s had passed before it could start "
+                                 "(--budget-s, or name fewer --presets / --variants)")
                 if c.skipped:
                     results[key] = {"variant": variant, "preset": c.preset.name, "skipped": c.skipped}
                     log(f"{key}: skipped — {c.skipped}")
@@ -782,7 +907,9 @@ def run(variants=None, presets=None, steps: int | None = None, size: int | None 
                 log(f"{key}: running")
                 try:
                     row = run_one(folders[variant], variant, c.preset, hardware, size, size, steps,
-                                  repeat, warmup, data_dir, compile, compile_backend, compile_mode, est)
+                                  repeat, warmup, data_dir, compile, compile_backend, compile_mode, est,
+                                  stepcache_steps=cache_steps, budget_bytes=c.budget_bytes)
+                    cache_steps = None  # the step cache is measured on the variant's first plan
                 except Exception as e:  # one failing preset does not lose the others' numbers
                     if not tiny and isinstance(e, torch.OutOfMemoryError):
                         free_all()
@@ -791,6 +918,8 @@ def run(variants=None, presets=None, steps: int | None = None, size: int | None 
                     if tiny:
                         raise
                 row["recommended"] = c.recommended
+                if c.planned_for:
+                    row["planned_for"] = c.planned_for
                 results[key] = row
         return results
     finally:
@@ -815,30 +944,49 @@ def _gb(n) -> str:
     return f"{n / 2**30:.2f} GB" if abs(n) >= 2**30 else f"{n / 2**20:.0f} MB"
 
 
+def _cache_cell(r: dict, mode: str) -> str:
+    if f"stepcache_{mode}_skipped" not in r:
+        return "—"
+    return (f"{100 * r[f'stepcache_{mode}_skipped']:.0f} % · ×{r[f'stepcache_{mode}_time_ratio']:.2f} · "
+            f"{r[f'stepcache_{mode}_mad_255']:.1f}")
+
+
 def format_table(results: dict) -> str:
-    """One line per (variant, preset); GB = 2^30 bytes. ★ = the planner's choice here. Peak is
-    allocated tensors (CPU: the RSS delta); the ratio compares the estimate with reserved + context."""
-    head = (f"{'variant/preset':40} {'s/img':>7} {'bare':>7} {'overhead':>9} {'peak':>9} "
-            f"{'reserved':>9} {'estimate':>9} {'est ratio':>10}  compile 1st/steady")
-    lines = [head]
+    """A Markdown table (paste it into the README's GPU table), one row per (variant, plan);
+    GB = 2^30 bytes. ★ = the planner's choice for this GPU; "for" = the simulated card the planner
+    chose the plan for. "measured" is reserved + CUDA context (CPU: the RSS delta); "ratio" is
+    (planner − margin) ÷ measured; step cache: passes cached · time ratio · mean |Δ| in 0–255 steps."""
+    lines = ["| variant / plan | for | s/it | bare s/it | overhead | measured | planner | ratio | fits card "
+             "| step cache fast | step cache faster | compile 1st / steady |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---|---|---|"]
     for key, r in results.items():
-        name = ("★ " if r.get("recommended") else "  ") + key
+        name = ("★ " if r.get("recommended") else "") + key
         if "skipped" in r or "error" in r:
-            lines.append(f"{name:40} {'skipped: ' + r['skipped'] if 'skipped' in r else 'ERROR: ' + r['error']}")
+            what = f"skipped: {r['skipped']}" if "skipped" in r else f"ERROR: {r['error']}"
+            lines.append(f"| {name} | {r.get('planned_for', '')} | {what.replace('|', '/')} |" + " |" * 9)
             continue
-        comp = ""
+        comp = "—"
         if "compile_s_per_image" in r:
-            comp = f"{r['compile_first_s']:.1f}s / {r['compile_s_per_image']:.2f}s (×{r['compile_speedup']:.2f})"
+            comp = f"{r['compile_first_s']:.1f} s / {r['compile_s_per_image']:.2f} s (×{r['compile_speedup']:.2f})"
         elif "compile_error" in r:
-            comp = "failed: " + r["compile_error"][:60]
+            comp = "failed: " + r["compile_error"][:60].replace("|", "/")
+        bare = f"{r['bare_s_per_it']:.3f}" if "bare_s_per_it" in r else "—"
+        overhead = (f"{r['overhead_ratio']:.3f} {_verdict('overhead_ratio', r['overhead_ratio'])}"
+                    if "overhead_ratio" in r else "—")
+        fits = "—" if "fits_budget" not in r else ("yes" if r["fits_budget"] else "**NO**")
+        cache = [_cache_cell(r, m) for m in STEPCACHE_MODES]
+        if "stepcache_error" in r:
+            cache = ["n/a: " + r["stepcache_error"][:50], "—"]
         lines.append(
-            f"{name:40} {r['s_per_image']:7.2f} {r['bare_s_per_image']:7.2f} "
-            f"{r['overhead_ratio']:6.3f} {_verdict('overhead_ratio', r['overhead_ratio']):>2} "
-            f"{_gb(r['peak_bytes']):>9} {_gb(r.get('peak_reserved_bytes')):>9} {_gb(r['estimate_bytes']):>9} "
-            f"{r['estimate_ratio']:6.3f} {_verdict('estimate_ratio', r['estimate_ratio']):>3}  {comp}"
+            f"| {name} | {r.get('planned_for', '')} | {r['s_per_it']:.3f} | {bare} | {overhead} "
+            f"| {_gb(r['measured_bytes'])} | {_gb(r['estimate_bytes'])} "
+            f"| {r['estimate_ratio']:.3f} {_verdict('estimate_ratio', r['estimate_ratio'])} | {fits} "
+            f"| {cache[0]} | {cache[1]} | {comp} |"
         )
-    lines.append("goals: overhead_ratio ≤ 1.03; estimate_ratio = (planner − margin) ÷ (reserved + CUDA "
-                 "context) within 10 % (CPU: RSS delta)")
+    lines.append("")
+    lines.append("goals: overhead ≤ 1.03; ratio = (planner − margin) ÷ (reserved + CUDA context) within 10 % "
+                 "(CPU: RSS delta); fits card: the plan chosen for that card held at most its memory; "
+                 "step cache fast: ≥ 35 % cached at ≤ 4/255")
     return "\n".join(lines)
 
 
@@ -849,10 +997,16 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="+", default=None, metavar="VARIANT",
                    help=f"default: {' '.join(DEFAULT_VARIANTS)}")
     p.add_argument("--presets", nargs="+", default=None, metavar="PRESET",
-                   help="only these presets (default: every one that fits this GPU)")
-    p.add_argument("--steps", type=int, default=None, help="override the recommended steps")
+                   help="only these presets, named or composed (default: the planner's choice here and for "
+                        f"{', '.join(f'{g} GB' for g in PLAN_VRAM_GB)} cards)")
+    p.add_argument("--steps", type=int, default=None, help=f"timing steps (default {GPU_STEPS}; --tiny 2)")
+    p.add_argument("--budget-s", type=float, default=BUDGET_S,
+                   help=f"start no plan after this many seconds (default {BUDGET_S:g}; 0: no limit)")
+    p.add_argument("--no-stepcache", action="store_true", help="do not measure the step cache")
+    p.add_argument("--stepcache-steps", type=int, default=None,
+                   help="steps of the step-cache runs (default: the variant's recommended; --tiny 8)")
     p.add_argument("--size", type=int, default=None, help="square image side (default 1024; --tiny 256)")
-    p.add_argument("--repeat", type=int, default=None, help="timed images per path (default 3; --tiny 1)")
+    p.add_argument("--repeat", type=int, default=None, help="timed images per path (default 2; --tiny 1)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed images per path before the timed ones (default 1; --tiny 0)")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile of the transformer blocks")
@@ -872,7 +1026,8 @@ def main(argv=None) -> int:
     try:
         results = run(args.variants, args.presets, args.steps, args.size, args.repeat, args.warmup,
                       args.compile, args.compile_backend, args.compile_mode, args.tiny, args.workdir,
-                      args.build_only, args.rebuild)
+                      args.build_only, args.rebuild, budget_s=args.budget_s or None,
+                      stepcache=not args.no_stepcache, stepcache_steps=args.stepcache_steps)
     except (RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
