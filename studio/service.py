@@ -67,10 +67,17 @@ class Studio:
         return Blobs(self.config.data_dir)
 
     @cached_property
+    def styles(self):
+        """The prompt styles: the project's defaults and ``<data-dir>/styles.csv`` over them."""
+        from studio.engine.styles import StyleLibrary
+
+        return StyleLibrary.for_data_dir(self.config.data_dir)
+
+    @cached_property
     def engine(self):
         from studio.engine import Engine
 
-        return Engine(self.models, self.gallery, blobs=self.blobs)
+        return Engine(self.models, self.gallery, blobs=self.blobs, styles=self.styles)
 
     def is_built(self, part: str) -> bool:
         """Whether ``models`` / ``gallery`` / ``engine`` exists yet (without building it)."""
@@ -293,6 +300,67 @@ class Studio:
         if not path:
             raise ValidationError("Drop a PNG file to read its metadata.", "file")
         return read_png_info(path)
+
+    def reuse_fields(self, fields: dict, source: str = "studio") -> tuple[dict, list[str]]:
+        """The request fields "reuse parameters" sets for an image's metadata (``fields``, as read
+        by :meth:`read_png_info`; ``source`` its ``source``), and notes on what did not map.
+
+        Peer names become ours here (metadata may not import the engine): A1111/Forge's
+        ``Sampler: DPM++ 2M Karras`` or ``Sampler: DPM++ 2M, Schedule type: Karras``, ComfyUI's
+        ``dpmpp_2m`` + ``karras``; an unknown name is left out and reported. As A1111's "Apply if
+        any", a styled prompt without style names gets its styles back from styles.csv."""
+        from studio.engine import samplers
+        from studio.metadata.schema import clean, request_fields
+
+        f = clean(fields or {})
+        notes: list[str] = []
+        if "sampler" in f or "schedule" in f:
+            if source == "comfyui":
+                sampler, schedule, found = samplers.from_comfy(f.get("sampler"), f.get("schedule"))
+            else:
+                sampler, schedule, found = samplers.from_infotext(f.get("sampler"), f.get("schedule"))
+            notes += found
+            for key, value in (("sampler", sampler), ("schedule", schedule)):
+                if value is None:
+                    f.pop(key, None)
+                else:
+                    f[key] = value
+        if f.get("emphasis") == "None":  # Forge/A1111: the syntax is literal text
+            f["prompt_weighting"], f["emphasis"] = False, "Original"
+            notes.append("Emphasis 'None' reads the weighting syntax as text: prompt weighting was turned off "
+                         "(which also reads only the first 75 CLIP tokens).")
+        elif "emphasis" in f and f["emphasis"] not in ("Original", "No norm"):
+            notes.append(f"Emphasis {f.pop('emphasis')[:40]!r} is not available here; Original is used.")
+        if not f.get("styles") and self.styles.styles:
+            names, prompt, negative = self.styles.extract(f.get("prompt", ""), f.get("negative_prompt", ""))
+            if names:
+                f.update(styles=names, prompt=prompt, negative_prompt=negative)
+        return request_fields(f), notes
+
+    def count_tokens(self, prompt, max_sequence_length=256, prompt_3=None, prompt_weighting=True) -> str:
+        """The live token counter under a prompt box (``CLIP 80/150 (2 chunks) · T5 93/256``):
+        the loaded model's tokenizers only, no lock, no text encoder run. "" while no model is
+        loaded."""
+        from studio.engine import check_number
+        from studio.engine.tokens import count_for
+
+        current = self.current
+        if current is None or not isinstance(prompt, str):
+            return ""
+        msl = check_number("max_sequence_length", 256 if max_sequence_length in (None, "") else max_sequence_length)
+        return count_for(current.pipe, prompt, msl, prompt_3=prompt_3 or None,
+                         enabled=bool(prompt_weighting)).text()
+
+    def style_names(self) -> list[str]:
+        """The styles a request can name (styles.csv re-read: the user may have edited it)."""
+        self.styles.reload()
+        return self.styles.names()
+
+    def describe_styles(self) -> list[dict]:
+        """[{name, prompt, negative_prompt}] of every style, after re-reading styles.csv."""
+        self.styles.reload()
+        return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt}
+                for s in self.styles.styles.values()]
 
     # -- LoRAs --
 

@@ -87,7 +87,23 @@ def _limit_help(name: str, what: str | None = None) -> str:
     return f"{what or lim.help} ({lim.range_text()}; default: {default_text})"
 
 
+def _named(parse, what: str):
+    """An argparse type for a sampler or schedule name: ours exactly, or refused naming ours."""
+    def convert(text: str) -> str:
+        ours, note = parse(text)
+        if ours is None:
+            raise argparse.ArgumentTypeError(note)
+        if ours != text:  # a peer's spelling (dpmpp_2m, karras): say how it is written here
+            raise argparse.ArgumentTypeError(f"{what} {text!r} is written {ours!r} here. {note}".strip())
+        return ours
+    convert.__name__ = what.lower()
+    return convert
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from studio.engine import samplers
+    from studio.engine.weighting import EMPHASIS
+
     parser = argparse.ArgumentParser(
         prog="launch.py", formatter_class=_HelpFormatter,
         description="SD3.5 Studio: a local studio for Stable Diffusion 3 / 3.5. "
@@ -133,6 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Skip Layer Guidance (default: auto, the variant's advice)")
     gen.add_argument("--max-sequence-length", type=int, default=None, help=_limit_help("max_sequence_length"))
     gen.add_argument("--shift", type=float, default=None, help=_limit_help("shift"))
+    gen.add_argument("--sampler", type=_named(samplers.sampler_from_name, "Sampler"), default=None, metavar="NAME",
+                     help="sampler, as Forge names it: " + ", ".join(samplers.SAMPLERS) + " (default: Euler)")
+    gen.add_argument("--schedule", type=_named(samplers.schedule_from_name, "Schedule"), default=None, metavar="NAME",
+                     help="schedule type: " + ", ".join(samplers.SCHEDULES)
+                          + " (default: the sampler's own; Euler: Normal)")
+    gen.add_argument("--prompt-3", default="", metavar="TEXT", help="what T5 reads instead of the prompt")
+    gen.add_argument("--negative-prompt-3", default="", metavar="TEXT",
+                     help="what T5 reads instead of the negative prompt")
+    gen.add_argument("--style", action="append", default=[], dest="styles", metavar="NAME",
+                     help="a style from styles.csv (the defaults, or <data-dir>/styles.csv); repeatable, applied in order")
+    gen.add_argument("--no-prompt-weighting", action="store_false", dest="prompt_weighting",
+                     help="read (word:1.2) and [word] as plain text, and only the first 75 CLIP tokens")
+    gen.add_argument("--emphasis", choices=list(EMPHASIS), default="Original",
+                     help="A1111's emphasis: Original (default) restores each chunk's mean after weighting")
     gen.add_argument("--json", action="store_true", help="print a JSON object instead of paths")
     _common(gen, sub=True)
 
@@ -206,6 +236,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "only_masked": args.only_masked, "padding": args.padding,
         "init_image": str(args.init_image) if args.init_image else None,
         "mask_image": str(args.mask) if args.mask else None,
+        "sampler": args.sampler, "schedule": args.schedule, "prompt_3": args.prompt_3,
+        "negative_prompt_3": args.negative_prompt_3, "styles": list(args.styles),
+        "prompt_weighting": args.prompt_weighting, "emphasis": args.emphasis,
     }
     try:
         studio = Studio(config)

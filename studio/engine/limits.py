@@ -22,6 +22,8 @@ RANDOM_SEED_MAX = 2**32 - 1
 MAX_IMAGES = 100  # batch count × batch size, per request
 MAX_PROMPT_CHARS = 10_000
 MAX_LORAS = 8  # per request
+MAX_STYLES_PER_REQUEST = 16  # styles.csv styles applied to one request
+MAX_CLIP_CHUNKS = 8  # 75-token CLIP chunks read from a weighted prompt (600 tokens); longer is refused
 
 # Every image input (init image, mask, control image, upscale input) is checked from its header,
 # before any pixel is decoded: file size, width × height, and aspect ratio.

@@ -43,6 +43,14 @@ class GenerationRequest:
     max_sequence_length: int = 256  # T5 tokens
     shift: float | None = None  # scheduler shift; None: the model's (3.0)
     variant: str | None = None  # None: the loaded model (turbo mode: Large Turbo)
+    # Sampling and prompt control (#16): names as Forge writes them (studio.engine.samplers)
+    sampler: str | None = None  # None: "Euler", SD3's own
+    schedule: str | None = None  # None / "Automatic": the sampler's default (Euler: "Normal", today's)
+    prompt_3: str = ""  # what T5 reads instead of the prompt ("": the prompt)
+    negative_prompt_3: str = ""  # what T5 reads instead of the negative prompt
+    styles: list = field(default_factory=list)  # styles.csv names, applied in order (studio.engine.styles)
+    prompt_weighting: bool = True  # A1111 (word:1.2) syntax and 75-token CLIP chunks; False: literal text
+    emphasis: str = "Original"  # A1111's emphasis mode: "Original" | "No norm"
 
 
 REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest))
@@ -85,6 +93,10 @@ def build_request(fields: Mapping, mode: str | None = None) -> GenerationRequest
             raise ValidationError(str(e), "loras") from None
     if "only_masked" in values:
         values["only_masked"] = bool(values["only_masked"])
+    if isinstance(values.get("styles"), str):  # one name (style names may hold commas)
+        values["styles"] = [values["styles"]]
+    elif isinstance(values.get("styles"), tuple):
+        values["styles"] = list(values["styles"])
     return GenerationRequest(**values)
 
 
@@ -110,6 +122,10 @@ class Resolved:
     mask: object | None = None  # inpaint: L mask at the init image's size
     inpaint_plan: object | None = None  # inpaint.Plan: the box repainted and the working size
     loras: list = field(default_factory=list)  # [(name, weight)] validated; [(LoraInfo, weight)] after prepare
+    sampler: str = "Euler"  # checked names (studio.engine.samplers)
+    schedule: str = "Normal"
+    prompt: str = ""  # what the encoders read: the prompt with its styles applied
+    negative_prompt: str = ""
 
     @property
     def effective_steps(self) -> int:

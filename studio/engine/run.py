@@ -14,7 +14,7 @@ from typing import Callable
 from studio.blobs import Blobs
 from studio.catalog import TURBO_VARIANT
 from studio.config import __version__
-from studio.engine.prompts import PromptCache, token_notes
+from studio.engine.prompts import PromptCache
 from studio.engine.request import CancelToken, GeneratedImage, GenerationRequest, GenerationResult, ProgressEvent, Resolved
 from studio.engine.validate import validate
 from studio.errors import GenerationError, ValidationError
@@ -27,13 +27,19 @@ class Engine:
     ``blobs`` stores what an image was made from by content (its inpaint mask, its init image),
     so "reuse parameters" can give them back; by default beside the gallery."""
 
-    def __init__(self, models, gallery=None, prompt_cache: PromptCache | None = None, blobs: Blobs | None = None):
+    def __init__(self, models, gallery=None, prompt_cache: PromptCache | None = None, blobs: Blobs | None = None,
+                 styles=None):
         self.models = models
         self.gallery = gallery
         self.prompt_cache = prompt_cache if prompt_cache is not None else PromptCache()
         if blobs is None and gallery is not None:
             blobs = Blobs(gallery.data_dir)
         self.blobs = blobs
+        if styles is None:  # the project's default styles only (the service passes the data dir's too)
+            from studio.engine.styles import StyleLibrary
+
+            styles = StyleLibrary(user_file=None)
+        self.styles = styles
 
     @property
     def masks(self):
@@ -44,9 +50,18 @@ class Engine:
         """Validate ``req`` against the loaded model and resolve its LoRA names to files."""
         from studio.models.lora import LoraError
 
-        resolved = validate(req, loaded.variant, loaded.max_side, loaded.native_size)
+        from studio.engine.limits import MAX_CLIP_CHUNKS
+        from studio.engine.tokens import count_for
+
+        resolved = validate(req, loaded.variant, loaded.max_side, loaded.native_size, styles=self.styles)
         req = resolved.request
-        resolved.notes += token_notes(loaded.pipe, req.prompt, req.max_sequence_length)
+        tc = count_for(loaded.pipe, resolved.prompt, req.max_sequence_length, prompt_3=req.prompt_3 or None,
+                       enabled=req.prompt_weighting)
+        if tc.clip_chunks > MAX_CLIP_CHUNKS:
+            raise ValidationError(
+                f"The prompt is {tc.clip_chunks} CLIP chunks of 75 tokens; at most {MAX_CLIP_CHUNKS} are read "
+                f"({MAX_CLIP_CHUNKS * 75} tokens). Shorten it, or put the long text in the T5 prompt.", "prompt")
+        resolved.notes += tc.notes()
         infos = []
         for name, weight in resolved.loras:
             try:
@@ -59,26 +74,33 @@ class Engine:
         resolved.loras = infos
         return resolved
 
-    def encode(self, pipe, loaded, prompt: str, negative: str, cfg: bool, max_sequence_length: int,
-               text_loras: tuple = ()):
+    def encode(self, pipe, loaded, r: Resolved, cfg: bool, text_loras: tuple = ()):
         """Prompt embeddings for one image, from the cache when the same prompt was seen.
 
+        Encoded through ``studio.engine.weighting`` (A1111's syntax and CLIP chunks; a plain
+        prompt gives the pipeline's own tensors bit for bit); the cache keys on the *parsed*
+        prompts (``(red:1.0)`` and ``red`` share an entry), the T5 prompts and the options.
         ``text_loras``: the active LoRAs that change the text encoders (sha, weight) — part of the
         key, since they change the embeddings. Transformer-only LoRAs (most SD3 LoRAs) do not."""
         import torch
 
+        from studio.engine import weighting
+
+        req = r.request
+        p3 = req.prompt_3 or None
+        n3 = (req.negative_prompt_3 or None) if cfg else None
         encoders = tuple(loaded.identities.get(n) for n in (
             "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"))
-        key = (prompt, negative if cfg else None, cfg, max_sequence_length, encoders, str(loaded.dtype),
-               tuple(text_loras))
+        key = (weighting.cache_key(r.prompt, r.negative_prompt if cfg else None, p3, n3,
+                                   enabled=req.prompt_weighting, emphasis=req.emphasis),
+               cfg, req.max_sequence_length, encoders, str(loaded.dtype), tuple(text_loras))
         cached = self.prompt_cache.get(key) if None not in encoders[:2] else None
         if cached is None:
             with torch.no_grad():
-                out = pipe.encode_prompt(
-                    prompt=prompt, prompt_2=None, prompt_3=None,
-                    negative_prompt=negative if cfg else None,
-                    do_classifier_free_guidance=cfg, num_images_per_prompt=1,
-                    max_sequence_length=max_sequence_length,
+                out = weighting.encode(
+                    pipe, r.prompt, r.negative_prompt, prompt_3=p3, negative_prompt_3=n3, cfg=cfg,
+                    max_sequence_length=req.max_sequence_length, enabled=req.prompt_weighting,
+                    emphasis=req.emphasis,
                 )
             cached = tuple(t.detach().to("cpu") if t is not None else None for t in out)
             if None not in encoders[:2]:
@@ -119,14 +141,14 @@ class Engine:
     def _run(self, r: Resolved, loaded, on_progress, cancel, owner, on_image) -> GenerationResult:
         import torch
 
+        from studio.engine.samplers import scheduler_for
+
         req = r.request
         if req.mode == "inpaint":
             pipe = self.models.inpaint(loaded)
         else:
             pipe = self.models.img2img(loaded) if req.mode == "img2img" else loaded.pipe
-        scheduler = pipe.scheduler
-        if r.shift != scheduler.config.get("shift", 3.0):
-            pipe.scheduler = type(scheduler).from_config(scheduler.config, shift=r.shift)
+        scheduler = pipe.scheduler  # the pipeline's own, put back after the runs
         init_sha = None
         init = None
         mask_sha = soft_mask = mask = None
@@ -164,9 +186,12 @@ class Engine:
                 device = pipe._execution_device
                 pe, npe, ppe, nppe = (
                     None if t is None else t.to(device).repeat_interleave(req.batch_size, 0)
-                    for t in self.encode(pipe, loaded, req.prompt, req.negative_prompt, cfg,
-                                         req.max_sequence_length, text_loras)
+                    for t in self.encode(pipe, loaded, r, cfg, text_loras)
                 )
+                generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+                # the sampler and its schedule, built from the scheduler's config (no reload); the
+                # stochastic samplers draw their per-step noise from this run's generators
+                pipe.scheduler = scheduler_for(scheduler, r.sampler, r.schedule, r.shift, generator=generators)
                 kwargs = dict(
                     prompt_embeds=pe,
                     negative_prompt_embeds=npe,
@@ -177,7 +202,7 @@ class Engine:
                     height=r.height,
                     width=r.width,
                     num_images_per_prompt=1,
-                    generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                    generator=generators,
                     max_sequence_length=req.max_sequence_length,
                     callback_on_step_end=on_step,
                     callback_on_step_end_tensor_inputs=["latents"],
@@ -231,6 +256,8 @@ class Engine:
         return self.blobs.store(kind).put(image) if self.blobs is not None else image_sha256(image)
 
     def _metadata(self, r: Resolved, loaded, seed, run, k, init_sha, run_s, mask_sha=None) -> dict:
+        from studio.engine.samplers import SAMPLER_INFO
+
         req = r.request
         inpaint = req.mode == "inpaint"
         width, height = r.init_image.size if inpaint else (r.width, r.height)
@@ -250,11 +277,19 @@ class Engine:
             "source": loaded.source.ref,
             "preset": loaded.placement.name,
             "dtype": str(loaded.dtype).replace("torch.", ""),
-            "sampler": "Euler",
-            "scheduler": type(loaded.pipe.scheduler).__name__,
+            "sampler": r.sampler,
+            "schedule": r.schedule,
+            "scheduler": SAMPLER_INFO[r.sampler].diffusers,
             "shift": r.shift,
             "slg": r.slg,
             "max_sequence_length": req.max_sequence_length,
+            "prompt_3": req.prompt_3 or None,
+            "negative_prompt_3": req.negative_prompt_3 or None,
+            "prompt_weighting": req.prompt_weighting,
+            "emphasis": req.emphasis if req.emphasis != "Original" else None,
+            "styles": list(req.styles) or None,
+            "styled_prompt": r.prompt if req.styles else None,
+            "styled_negative_prompt": r.negative_prompt if req.styles else None,
             "strength": req.strength if req.mode in ("img2img", "inpaint") else None,
             "init_image_sha256": init_sha,
             "batch_size": req.batch_size,

@@ -23,14 +23,13 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from studio.engine.limits import MAX_PROMPT_CHARS
+from studio.engine.limits import MAX_PROMPT_CHARS, MAX_STYLES_PER_REQUEST
 from studio.errors import ValidationError
 
 DEFAULT_STYLES = Path(__file__).resolve().parents[2] / "assets" / "styles.csv"
 MAX_STYLES_BYTES = 4 << 20  # a styles file larger than this is not read
 MAX_STYLES = 5000  # rows read per file
 MAX_STYLE_NAME = 200  # characters
-MAX_STYLES_PER_REQUEST = 16
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from studio.engine.limits import (
     MAX_IMAGES,
     MAX_LORAS,
     MAX_PROMPT_CHARS,
+    MAX_STYLES_PER_REQUEST,
     MODES,
     RANDOM_SEED_MAX,
     snap,
@@ -157,19 +158,64 @@ def _size(name: str, value, limit: int, notes: list[str]) -> int:
     return snapped
 
 
+def _check_sampling(req: GenerationRequest, steps: int, notes: list[str]) -> tuple[str, str]:
+    """The request's sampler and schedule, checked (Forge's names; ``schedule`` None, "" or
+    "Automatic": the sampler's own default), and the prompt options."""
+    from studio.engine import samplers, weighting
+
+    sampler = samplers.DEFAULT_SAMPLER if req.sampler in (None, "") else req.sampler
+    schedule = req.schedule
+    if schedule is None or (isinstance(schedule, str) and schedule.strip().lower() in ("", "automatic")):
+        schedule = samplers.default_schedule(sampler) if sampler in samplers.SAMPLERS else samplers.DEFAULT_SCHEDULE
+    samplers.check(sampler, schedule)  # ValidationError naming sampler / schedule and the choices
+    if not isinstance(req.prompt_weighting, bool):
+        raise ValidationError("Prompt weighting is on or off (true or false).", "prompt_weighting")
+    if req.emphasis not in weighting.EMPHASIS:
+        raise ValidationError(f"Emphasis {str(req.emphasis)[:40]!r} is unknown; use {' or '.join(weighting.EMPHASIS)}.",
+                              "emphasis")
+    if samplers.SAMPLER_INFO[sampler].calls_per_step > 1:
+        notes.append(f"{sampler} evaluates the model twice a step: {steps} steps cost "
+                     f"{samplers.model_calls(sampler, steps)} model evaluations.")
+    return sampler, schedule
+
+
+def _check_styles(req: GenerationRequest, styles) -> tuple[str, str]:
+    """The prompt and negative prompt with the request's styles applied (``styles``: a
+    StyleLibrary; None checks only the shape of the list, as a quick check before a load)."""
+    names = req.styles
+    if names in (None, "", [], ()):
+        return req.prompt, req.negative_prompt
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ValidationError("Styles must be a list of style names (from styles.csv).", "styles")
+    if len(names) > MAX_STYLES_PER_REQUEST:
+        raise ValidationError(f"{len(names)} styles were chosen; at most {MAX_STYLES_PER_REQUEST} apply at once.",
+                              "styles")
+    if styles is None:
+        return req.prompt, req.negative_prompt
+    prompt, negative = styles.apply(req.prompt, req.negative_prompt, list(names))
+    if len(prompt) > MAX_PROMPT_CHARS or len(negative) > MAX_PROMPT_CHARS:
+        raise ValidationError(f"With its styles the prompt is over {MAX_PROMPT_CHARS:,} characters; choose fewer "
+                              "styles or shorten the prompt.", "styles")
+    return prompt, negative
+
+
 def validate(req: GenerationRequest, variant: Variant, max_side: int = MAX_SIDE,
-             native_size: tuple[int, int] = (1024, 1024), images: bool = True) -> Resolved:
+             native_size: tuple[int, int] = (1024, 1024), images: bool = True, styles=None) -> Resolved:
     """Check a request against a variant and the loaded model's limits; fill in defaults.
 
     Raises ValidationError with a message that names the allowed range or the fix. Adjustments
     that are safe (sizes snapped to 16, SLG off where it cannot run) are made and reported in
     ``notes``. ``images=False`` checks everything but the image inputs (a quick check before a
     model is loaded: the CLI and the service refuse a bad width before spending seconds loading).
+    ``styles``: the StyleLibrary the request's style names are looked up in (None: only their
+    number is checked).
     """
     notes: list[str] = []
     if req.mode not in MODES:
         raise ValidationError(f"Unknown mode {str(req.mode)[:40]!r}; use one of {', '.join(MODES)}.", "mode")
-    for name in ("prompt", "negative_prompt"):
+    for name in ("prompt", "negative_prompt", "prompt_3", "negative_prompt_3"):
         req = _check_text(req, name)
     if not req.prompt.strip():
         notes.append("The prompt is empty: the image is not conditioned on any text.")
@@ -202,6 +248,8 @@ def validate(req: GenerationRequest, variant: Variant, max_side: int = MAX_SIDE,
         )
     shift = LIMITS["shift"].default if req.shift is None else check_number("shift", req.shift)
     loras = check_loras(req.loras)
+    sampler, schedule = _check_sampling(req, steps, notes)
+    prompt, negative = _check_styles(req, styles)
 
     limit = min(max_side, MAX_SIDE)
     strength = None
@@ -261,7 +309,7 @@ def validate(req: GenerationRequest, variant: Variant, max_side: int = MAX_SIDE,
             slg = {"layers": list(a.layers), "scale": a.scale, "start": a.start, "stop": a.stop}
             if not a.recommended:
                 notes.append(a.note)
-    if variant.distilled and req.negative_prompt.strip() and guidance <= 1.0:
+    if variant.distilled and negative.strip() and guidance <= 1.0:
         notes.append(f"{variant.label} runs without CFG: the negative prompt has no effect.")
     if req.mode == "turbo" and steps > 8:
         notes.append(f"Turbo is distilled for about 4 steps; {steps} steps cost time and rarely help.")
@@ -276,4 +324,5 @@ def validate(req: GenerationRequest, variant: Variant, max_side: int = MAX_SIDE,
     req = replace(req, batch_size=batch_size, batch_count=batch_count, max_sequence_length=msl,
                   **({"strength": strength} if strength is not None else {}))
     return Resolved(req, variant, width, height, steps, guidance, seed, slg, shift, init_image, notes,
-                    mask=mask, inpaint_plan=inpaint_plan, loras=loras)
+                    mask=mask, inpaint_plan=inpaint_plan, loras=loras, sampler=sampler, schedule=schedule,
+                    prompt=prompt, negative_prompt=negative)

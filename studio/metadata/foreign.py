@@ -250,6 +250,7 @@ def comfyui_fields(prompt_text: str | None, workflow_text: str | None) -> dict[s
     put("guidance", _find_input(graph, sampler, ("cfg",), via), float)
     put("sampler", _find_input(graph, sampler, ("sampler_name",), via), str)
     put("scheduler", _find_input(graph, sampler, ("scheduler",), via), str)
+    put("schedule", fields.get("scheduler"), str)  # ComfyUI's name (karras): the service maps it onto ours
     for key, name in (("positive", "prompt"), ("negative", "negative_prompt")):
         link = _find_input_link(graph, sampler, key)
         text = _cond_text(graph, link) if link is not None else None

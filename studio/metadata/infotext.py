@@ -360,11 +360,23 @@ def _read_area(text: str) -> dict[str, Any]:
     return {"only_masked": t == "only masked"}
 
 
+def _write_weighting(meta: dict) -> str | None:
+    return "off" if meta.get("prompt_weighting") is False else None  # on is the default: not written
+
+
+def _read_weighting(text: str) -> dict[str, Any]:
+    t = text.strip().lower()
+    if t not in ("on", "off", "true", "false"):
+        raise ValueError(f"prompt weighting {text!r} is not on/off")
+    return {"prompt_weighting": t in ("on", "true")}
+
+
 #: THE mapping between infotext keys and studio fields, in the order keys are written.
 PARAMS: tuple[Param, ...] = (
     _simple("Steps", "steps"),
     _simple("Sampler", "sampler"),
-    _simple("Scheduler", "scheduler", aliases=("Schedule type",)),
+    _simple("Schedule type", "schedule"),  # Forge's key (A1111 1.9+): Sampler: DPM++ 2M, Schedule type: Karras
+    _simple("Scheduler", "scheduler"),
     _simple("CFG scale", "guidance"),
     _simple("Seed", "seed"),
     Param("Size", ("width", "height"), _write_size, _read_size),
@@ -376,6 +388,10 @@ PARAMS: tuple[Param, ...] = (
     _simple("SLG start", "slg.start", when=_slg_on),
     _simple("SLG stop", "slg.stop", when=_slg_on),
     _simple("Max sequence length", "max_sequence_length"),
+    _simple("T5 prompt", "prompt_3"),
+    _simple("T5 negative prompt", "negative_prompt_3"),
+    _simple("Emphasis", "emphasis", when=lambda v, _m: v != "Original"),  # A1111's own key
+    Param("Prompt weighting", ("prompt_weighting",), _write_weighting, _read_weighting),
     _simple("Batch size", "batch_size", when=lambda v, _m: int(v) > 1),
     Param("Version", ("studio_version",), _write_version, _read_version),
 )
@@ -407,9 +423,12 @@ def _set_dotted(target: dict, dotted: str, value: Any) -> None:
 
 
 def to_infotext(meta: dict) -> str:
-    """A1111 infotext for a metadata dict (missing fields are left out, never invented)."""
-    prompt = str(meta.get("prompt") or "")
-    negative = str(meta.get("negative_prompt") or "")
+    """A1111 infotext for a metadata dict (missing fields are left out, never invented).
+
+    The prompts written are the ones the encoders read — with the styles applied, as A1111
+    writes them (``styled_prompt``); it writes no style names, and neither do we."""
+    prompt = str(meta.get("styled_prompt") or meta.get("prompt") or "")
+    negative = str(meta.get("styled_negative_prompt") or meta.get("negative_prompt") or "")
     parts: list[str] = []
     written: set[str] = set()
     for param in (*PARAMS, *INPAINT_PARAMS, *HASH_PARAMS):

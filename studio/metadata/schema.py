@@ -24,7 +24,7 @@ MAX_LIST = 64  # items of one list field read from outside
 @dataclass(frozen=True)
 class Field:
     name: str
-    kind: str  # "str" | "int" | "float" | "bool" | "sha256" | "hex" | "slg" | "loras" | "box" | "text_map" | "hash_map" | "dict"
+    kind: str  # "str" | "int" | "float" | "bool" | "sha256" | "hex" | "slg" | "loras" | "box" | "text_map" | "hash_map" | "dict" | "str_list"
     doc: str
     request: bool = False  # a GenerationRequest field ("reuse parameters" sets it)
 
@@ -56,8 +56,16 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("source", "str", "where the weights came from (Hub id or path) — shown, never opened"),
     Field("preset", "str", "memory preset"),
     Field("dtype", "str", "compute dtype"),
-    Field("sampler", "str", "sampler name"),
-    Field("scheduler", "str", "scheduler class"),
+    Field("sampler", "str", "sampler, as Forge names it (Euler, DPM++ 2M, …)", True),
+    Field("schedule", "str", "schedule type, as Forge names it (Normal, Karras, …)", True),
+    Field("scheduler", "str", "the diffusers scheduler class the sampler ran on"),
+    Field("prompt_3", "str", "what T5 read instead of the prompt", True),
+    Field("negative_prompt_3", "str", "what T5 read instead of the negative prompt", True),
+    Field("prompt_weighting", "bool", "A1111 (word:1.2) syntax and 75-token CLIP chunks (false: literal text)", True),
+    Field("emphasis", "str", "A1111 emphasis: Original | No norm", True),
+    Field("styles", "str_list", "styles.csv styles applied, in order", True),
+    Field("styled_prompt", "str", "the prompt the encoders read (the styles applied)"),
+    Field("styled_negative_prompt", "str", "the negative prompt the encoders read (the styles applied)"),
     Field("studio_version", "str", "the studio version that wrote the image"),
     Field("created_at", "str", "ISO time"),
     Field("batch_index", "int", "run index in the batch"),
@@ -152,6 +160,12 @@ def _hash_map(v):
     return {str(k)[:200]: h for k, x in list(v.items())[:MAX_LIST] if (h := _hex(x)) is not None}
 
 
+def _str_list(v):
+    if not isinstance(v, list):
+        return None
+    return [x[:200] for x in v[:MAX_LIST] if isinstance(x, str)]
+
+
 def _dict(v):
     if not isinstance(v, dict):
         return None
@@ -163,7 +177,7 @@ _CLEAN = {
     "bool": lambda v: v if isinstance(v, bool) else None,
     "sha256": lambda v: v if isinstance(v, str) and SHA256_RE.match(v) else None,
     "hex": _hex, "hash_map": _hash_map,
-    "slg": _slg, "loras": _loras, "box": _box, "text_map": _text_map, "dict": _dict,
+    "slg": _slg, "loras": _loras, "box": _box, "text_map": _text_map, "dict": _dict, "str_list": _str_list,
 }
 
 

@@ -14,6 +14,8 @@ import gradio as gr
 from studio.catalog import VARIANTS
 from studio.engine.limits import LIMITS, MODES
 from studio.engine.request import build_request
+from studio.engine.samplers import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES
+from studio.engine.weighting import EMPHASIS
 from studio.service import PAGE_SIZE
 from studio.ui.components import RawNumber
 from studio.ui.jobs import call, error, gpu_event
@@ -40,35 +42,65 @@ def _generate(ctx, mode: str, fields: dict, request, progress):
     return _result(res)
 
 
+def _sampling(sampler, schedule, prompt_3, negative_prompt_3, styles, prompt_weighting, emphasis) -> dict:
+    """The sampling and prompt-control parameters every generation endpoint takes (#16)."""
+    return dict(sampler=sampler, schedule=schedule, prompt_3=prompt_3, negative_prompt_3=negative_prompt_3,
+                styles=styles, prompt_weighting=prompt_weighting, emphasis=emphasis)
+
+
+def _sampling_inputs(studio, negative=True) -> list:
+    """The components of :func:`_sampling` (the engine checks every value and names the choices)."""
+    parts = [gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, allow_custom_value=True, label="sampler",
+                         info="Forge's names: Euler, DPM++ 2M, …"),
+             gr.Dropdown(["", "Automatic", *SCHEDULES], value="", allow_custom_value=True, label="schedule",
+                         info="'' or Automatic: the sampler's default (Euler: Normal)"),
+             gr.Textbox("", label="prompt_3", info="what T5 reads instead of the prompt ('': the prompt)")]
+    if negative:
+        parts.append(gr.Textbox("", label="negative_prompt_3"))
+    parts += [gr.Dropdown(studio.style_names(), value=[], multiselect=True, allow_custom_value=True, label="styles",
+                          info="styles.csv names, applied in order"),
+              gr.Checkbox(True, label="prompt_weighting", info="A1111 (word:1.2) syntax and 75-token CLIP chunks"),
+              gr.Dropdown(list(EMPHASIS), value="Original", allow_custom_value=True, label="emphasis")]
+    return parts
+
+
 def _generation_endpoints(ctx, out):
     """/txt2img, /img2img, /inpaint, /turbo."""
 
     def txt2img(prompt, negative_prompt=None, width=None, height=None, steps=None, guidance=None, seed=None, batch_count=None, batch_size=None, slg=None,
-                max_sequence_length=None, shift=None, loras=None, request: gr.Request = None, progress=gr.Progress()):
+                max_sequence_length=None, shift=None, loras=None, sampler=None, schedule=None, prompt_3=None,
+                negative_prompt_3=None, styles=None, prompt_weighting=None, emphasis=None,
+                request: gr.Request = None, progress=gr.Progress()):
         """Text to image. Returns (the saved PNG files, the first seed used, the info text).
 
         width/height None: the model's native size (snapped to 16, and said so); steps/guidance
-        None: the variant's recommendation; seed -1: random; loras: "name:0.8, other" or <lora:name:0.8>."""
+        None: the variant's recommendation; seed -1: random; loras: "name:0.8, other" or <lora:name:0.8>;
+        sampler/schedule: Forge's names (schedule '' = the sampler's default); styles: styles.csv names."""
         return _generate(ctx, "txt2img", dict(
             prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
             guidance=guidance, seed=seed, batch_count=batch_count, batch_size=batch_size, slg=slg,
-            max_sequence_length=max_sequence_length, shift=shift, loras=loras), request, progress)
+            max_sequence_length=max_sequence_length, shift=shift, loras=loras,
+            **_sampling(sampler, schedule, prompt_3, negative_prompt_3, styles, prompt_weighting, emphasis)),
+            request, progress)
 
     def img2img(init_image=None, prompt=None, negative_prompt=None, strength=None, width=None, height=None, steps=None, guidance=None, seed=None, batch_count=None,
-                batch_size=None, max_sequence_length=None, shift=None, loras=None, request: gr.Request = None,
-                progress=gr.Progress()):
+                batch_size=None, max_sequence_length=None, shift=None, loras=None, sampler=None, schedule=None,
+                prompt_3=None, negative_prompt_3=None, styles=None, prompt_weighting=None, emphasis=None,
+                request: gr.Request = None, progress=gr.Progress()):
         """Image to image: repaint an init image by strength. Returns (PNG files, seed, info).
 
         width/height None: the init image's size, brought within the model's limits."""
         return _generate(ctx, "img2img", dict(
             init_image=init_image, prompt=prompt, negative_prompt=negative_prompt, strength=strength, width=width,
             height=height, steps=steps, guidance=guidance, seed=seed, batch_count=batch_count,
-            batch_size=batch_size, max_sequence_length=max_sequence_length, shift=shift, loras=loras),
+            batch_size=batch_size, max_sequence_length=max_sequence_length, shift=shift, loras=loras,
+            **_sampling(sampler, schedule, prompt_3, negative_prompt_3, styles, prompt_weighting, emphasis)),
             request, progress)
 
     def inpaint(image=None, mask=None, prompt=None, negative_prompt=None, strength=None, mask_blur=None, only_masked=None, padding=None, steps=None, guidance=None,
-                seed=None, batch_count=None, batch_size=None, max_sequence_length=None, shift=None, loras=None, request: gr.Request = None,
-                progress=gr.Progress()):
+                seed=None, batch_count=None, batch_size=None, max_sequence_length=None, shift=None, loras=None,
+                sampler=None, schedule=None, prompt_3=None, negative_prompt_3=None, styles=None,
+                prompt_weighting=None, emphasis=None, request: gr.Request = None, progress=gr.Progress()):
         """Inpaint: repaint an image where its mask is white (or opaque, for a PNG with alpha).
 
         Returns (PNG files, seed, info); pixels away from the mask stay the source's."""
@@ -76,13 +108,18 @@ def _generation_endpoints(ctx, out):
             init_image=image, mask_image=mask, prompt=prompt, negative_prompt=negative_prompt, strength=strength,
             mask_blur=mask_blur, only_masked=only_masked, padding=padding, steps=steps, guidance=guidance,
             seed=seed, batch_count=batch_count, batch_size=batch_size, max_sequence_length=max_sequence_length,
-            shift=shift, loras=loras), request, progress)
+            shift=shift, loras=loras,
+            **_sampling(sampler, schedule, prompt_3, negative_prompt_3, styles, prompt_weighting, emphasis)),
+            request, progress)
 
-    def turbo(prompt, width=None, height=None, steps=None, seed=None, batch_count=None, batch_size=None, request: gr.Request = None,
-              progress=gr.Progress()):
+    def turbo(prompt, width=None, height=None, steps=None, seed=None, batch_count=None, batch_size=None,
+              sampler=None, schedule=None, prompt_3=None, styles=None, prompt_weighting=None, emphasis=None,
+              request: gr.Request = None, progress=gr.Progress()):
         """SD3.5 Large Turbo: 4 steps, no CFG (no negative prompt). Returns (PNG files, seed, info)."""
-        return _generate(ctx, "turbo", dict(prompt=prompt, width=width, height=height, steps=steps, seed=seed,
-                                            batch_count=batch_count, batch_size=batch_size), request, progress)
+        return _generate(ctx, "turbo", dict(
+            prompt=prompt, width=width, height=height, steps=steps, seed=seed, batch_count=batch_count,
+            batch_size=batch_size, **_sampling(sampler, schedule, prompt_3, None, styles, prompt_weighting, emphasis)),
+            request, progress)
 
     def common(_mode, negative=True):
         parts = [gr.Textbox(label="prompt")]
@@ -103,16 +140,19 @@ def _generation_endpoints(ctx, out):
         # a File, not an Image: gr.Image decodes uploads itself; the engine checks the header first
         return gr.File(None, type="filepath", file_types=["image"], label=label)
 
+    studio = ctx.studio
     inputs = {
         "txt2img": [*common("txt2img"), *sizes_steps("txt2img"), gr.Dropdown(SLG_CHOICES, value="auto", label="slg"),
-                    *tail("txt2img")],
+                    *tail("txt2img"), *_sampling_inputs(studio)],
         "img2img": [image("init_image"), *common("img2img"), _num("strength", "img2img"), *sizes_steps("img2img"),
-                    *tail("img2img")],
+                    *tail("img2img"), *_sampling_inputs(studio)],
         "inpaint": [image("image"), image("mask"), *common("inpaint"), _num("strength", "inpaint"),
                     _num("mask_blur", "inpaint"), gr.Checkbox(False, label="only_masked"), _num("padding", "inpaint"),
                     _num("steps", "inpaint"), _num("guidance", "inpaint"), _num("seed", "inpaint"),
-                    _num("batch_count", "inpaint"), _num("batch_size", "inpaint"), *tail("inpaint")],
-        "turbo": [*common("turbo", negative=False), *sizes_steps("turbo", guidance=False)],
+                    _num("batch_count", "inpaint"), _num("batch_size", "inpaint"), *tail("inpaint"),
+                    *_sampling_inputs(studio)],
+        "turbo": [*common("turbo", negative=False), *sizes_steps("turbo", guidance=False),
+                  *_sampling_inputs(studio, negative=False)],
     }
     fns = {"txt2img": txt2img, "img2img": img2img, "inpaint": inpaint, "turbo": turbo}
     gen_out = [gr.File(file_count="multiple", label="images"), gr.Number(label="seed_used", precision=0),
@@ -161,6 +201,29 @@ def _model_endpoints(ctx, out):
               [gr.Textbox("", label="name"), gr.File(None, type="filepath", file_types=[".safetensors"], label="file")],
               gr.JSON(label="lora"), api_name="load_lora")
     out["list_loras"].click(list_loras, None, gr.JSON(label="loras"), api_name="list_loras", concurrency_limit=None)
+
+
+def _prompt_endpoints(ctx, out):
+    """/token_count, /styles: what the prompt boxes show (no model run, no GPU lock)."""
+    studio = ctx.studio
+
+    def token_count(prompt=None, max_sequence_length=None, prompt_3=None, prompt_weighting=True):
+        """What the text encoders will read of a prompt: "CLIP 80/150 (2 chunks) · T5 93/256", and
+        what each would cut. Counted with the loaded model's tokenizers ("" while none is loaded)."""
+        return call(studio.count_tokens, prompt or "", max_sequence_length, prompt_3 or None,
+                    True if prompt_weighting is None else bool(prompt_weighting))
+
+    def styles():
+        """The prompt styles ([{name, prompt, negative_prompt}]): the project's defaults and the data
+        dir's styles.csv (A1111's format) over them. A style's {prompt} is where the prompt goes."""
+        return call(studio.describe_styles)
+
+    kw = dict(concurrency_limit=None)
+    out["token_count"].click(
+        token_count, [gr.Textbox(label="prompt"), _num("max_sequence_length", "txt2img"),
+                      gr.Textbox("", label="prompt_3"), gr.Checkbox(True, label="prompt_weighting")],
+        gr.Textbox(label="count"), api_name="token_count", **kw)
+    out["styles"].click(styles, None, gr.JSON(label="styles"), api_name="styles", **kw)
 
 
 def item_summary(item) -> dict:
@@ -230,7 +293,8 @@ def _gallery_endpoints(ctx, out):
 
 
 ENDPOINTS = ("txt2img", "img2img", "turbo", "inpaint", "load_model", "load_lora", "list_loras", "gallery_list",
-             "gallery_get", "gallery_star", "gallery_delete", "gallery_mask", "read_png_info")
+             "gallery_get", "gallery_star", "gallery_delete", "gallery_mask", "read_png_info", "token_count",
+             "styles")
 
 
 def register(ctx) -> None:
@@ -240,3 +304,4 @@ def register(ctx) -> None:
         _generation_endpoints(ctx, triggers)
         _model_endpoints(ctx, triggers)
         _gallery_endpoints(ctx, triggers)
+        _prompt_endpoints(ctx, triggers)
