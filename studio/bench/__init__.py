@@ -235,9 +235,11 @@ def stepcache_model(work: Path) -> tuple[Path, str]:
         return folder, "tiny random sd3.5-medium (no trained demo model in assets/demo yet)"
 
 
-def bench_stepcache(work: Path, steps: int = 28, prompts=STEPCACHE_PROMPTS, modes=("fast", "faster")) -> dict:
-    """Each mode against the very same generation uncached (same prompt, seed, steps), timed in
-    alternating order; see the module docstring for the keys."""
+def bench_stepcache(work: Path, steps: int = 28, prompts=STEPCACHE_PROMPTS, modes=("fast", "faster"),
+                    model: Path | None = None) -> dict:
+    """Each mode (a Speed setting or a threshold) against the very same generation uncached (same
+    prompt, seed, steps), timed in alternating order; see the module docstring for the keys.
+    ``model``: a pipeline folder to measure instead (threshold calibration)."""
     import numpy as np
     import torch
 
@@ -245,7 +247,7 @@ def bench_stepcache(work: Path, steps: int = 28, prompts=STEPCACHE_PROMPTS, mode
     from studio.engine.stepcache import StepCache
     from studio.models import ModelManager
 
-    folder, label = stepcache_model(work)
+    folder, label = (model, str(model)) if model else stepcache_model(work)
     pipe = ModelManager(StudioConfig(data_dir=work / "stepcache")).load(str(folder)).pipe
     side = int(pipe.transformer.config.sample_size) * 8
     variant_cfg = 4.5

@@ -405,7 +405,6 @@ def presets_to_run(variant: str, hardware, width: int, height: int,
     unknown name.
     """
     from studio import memory
-    from studio.hardware import Gpu, Hardware
 
     plan = memory.choose(hardware, variant, width, height)
     out: list[Candidate] = []
@@ -444,7 +443,6 @@ def presets_to_run(variant: str, hardware, width: int, height: int,
         elif p.speed_factor >= SLOW_SPEED_FACTOR:
             c.skipped = f"about {p.speed_factor:g}× slower than full; name it in --presets to run it"
         out.append(c)
-    del Gpu, Hardware
     return out
 
 

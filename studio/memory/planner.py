@@ -17,6 +17,7 @@ transformers or bitsandbytes for the catalog's variants (the counts come from a 
 from __future__ import annotations
 
 import itertools
+import math
 import sys
 from dataclasses import dataclass, field
 
@@ -555,8 +556,6 @@ def _axis_rejections(chosen: Preset, hw: Hardware, variant: str, width: int, hei
 
 
 def _axis_cost(axis: str, choice: str) -> float:
-    import math
-
     return QUALITY_LOSS[axis][choice] + SPEED_WEIGHT * math.log2(SPEED[axis][choice])
 
 
