@@ -237,13 +237,15 @@ class Studio:
     def list_images(self, owner=None, query=None, variant=None, mode=None, starred_only=False, page=0,
                     page_size=PAGE_SIZE):
         """One page of the owner's images, newest first (see ``Gallery.list``)."""
-        from studio.engine import MODES, check_number
+        from studio.engine import check_number
+        from studio.engine.limits import GALLERY_MODES
 
         page = check_number("page", 0 if page in (None, "") else page, 0, MAX_PAGE, "Page", integer=True)
         page_size = check_number("page_size", PAGE_SIZE if page_size in (None, "") else page_size, 1,
                                  MAX_PAGE_SIZE, "Page size", integer=True)
-        if mode and mode not in MODES:
-            raise ValidationError(f"Unknown mode {str(mode)[:40]!r}; use one of {', '.join(MODES)}.", "mode")
+        if mode and mode not in GALLERY_MODES:
+            raise ValidationError(f"Unknown mode {str(mode)[:40]!r}; use one of {', '.join(GALLERY_MODES)}.",
+                                  "mode")
         if variant and variant not in VARIANTS:
             raise ValidationError(f"Unknown variant {str(variant)[:60]!r}; use one of {', '.join(VARIANTS)}.",
                                   "variant")
@@ -335,7 +337,26 @@ class Studio:
             names, prompt, negative = self.styles.extract(f.get("prompt", ""), f.get("negative_prompt", ""))
             if names:
                 f.update(styles=names, prompt=prompt, negative_prompt=negative)
+        if f.get("hires_upscaler"):
+            f["hires_upscaler"], note = self._known_upscaler(f["hires_upscaler"])
+            if note:
+                notes.append(note)
+            if f["hires_upscaler"] is None:
+                f.pop("hires_upscaler")
         return request_fields(f), notes
+
+    def _known_upscaler(self, name: str) -> tuple[str | None, str]:
+        """An upscaler name read from a PNG, as one here: ours, A1111's latent modes mapped onto
+        the nearest latent upscaler, or None (Lanczos is used) with a note."""
+        from studio.models.upscalers import BUILTIN_UPSCALERS, LATENT_UPSCALERS
+
+        if name in (*BUILTIN_UPSCALERS, *LATENT_UPSCALERS) or name in self.upscaler_names():
+            return name, ""
+        if name.lower().startswith("latent"):
+            ours = "latent-nearest-exact" if "nearest" in name.lower() else "latent-bislerp"
+            return ours, f"Hires upscaler {name[:60]!r} is not available here; {ours} is the nearest."
+        return None, (f"Hires upscaler {name[:60]!r} is not in the upscalers folder; Lanczos is used (put "
+                      f"{name[:60]}.safetensors in {self.config.upscalers_dir} to use it).")
 
     def count_tokens(self, prompt, max_sequence_length=256, prompt_3=None, prompt_weighting=True) -> str:
         """The live token counter under a prompt box (``CLIP 80/150 (2 chunks) · T5 93/256``):
@@ -361,6 +382,136 @@ class Studio:
         self.styles.reload()
         return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt}
                 for s in self.styles.styles.values()]
+
+    # -- upscaling --
+
+    def _upscalers(self):
+        """The upscalers folder: the model manager's library once it exists; before that a
+        listing-only one, so building the page loads nothing (no torch)."""
+        if self.is_built("models"):
+            return self.models.upscalers
+        from studio.models.upscalers import UpscalerLibrary
+
+        return UpscalerLibrary(self.config.upscalers_dir)
+
+    def upscaler_names(self) -> list[str]:
+        """What an upscale can name: Lanczos, then the upscaler files in the folder."""
+        from studio.models.upscalers import BUILTIN_UPSCALERS
+
+        names = self._upscalers().names()
+        if self.config.demo and not self.is_built("models"):
+            from studio.demo.upscaler import TINY_UPSCALER_NAME
+
+            names = sorted({*names, TINY_UPSCALER_NAME}, key=str.lower)  # built with the model manager
+        return [*BUILTIN_UPSCALERS, *names]
+
+    def hires_upscaler_choices(self) -> list[str]:
+        """What a hires fix can name: :meth:`upscaler_names` and the latent upscalers."""
+        from studio.models.upscalers import LATENT_UPSCALERS
+
+        names = self.upscaler_names()
+        return [names[0], *LATENT_UPSCALERS, *names[1:]]
+
+    def describe_upscalers(self) -> dict:
+        """{upscalers: [{name, sha256, hash, size, architecture, scale, error}], builtin, latent}."""
+        from studio.models.upscalers import BUILTIN_UPSCALERS, LATENT_UPSCALERS
+
+        return {"upscalers": self.models.upscalers.describe(), "builtin": list(BUILTIN_UPSCALERS),
+                "latent": list(LATENT_UPSCALERS)}
+
+    def import_upscaler(self, path, name: str | None = None, display: str | None = None):
+        """Copy an uploaded upscaler into the upscalers folder (identified by spandrel first;
+        pickles refused). Not on shared deployments: there the owner puts the files in the folder."""
+        if self.shared:
+            raise ModelError("Uploading upscalers is off on shared deployments: the owner puts upscaler files in "
+                             "the upscalers folder of the data dir.")
+        return self.models.upscalers.import_file(path, name=name, display=display)
+
+    def upscale(self, image=None, image_id=None, upscaler: str | None = None, scale=None, refine_prompt=None,
+                refine_denoise=None, owner: str | None = None, seed=None, progress=None, cancel=None,
+                refine_steps=None):
+        """Upscale a gallery image (by id, after the owner check) or an upload, save the result as
+        a new gallery entry that names its parent (``parent_image_id``), and return it as a
+        GenerationResult of one image.
+
+        ``upscaler``: Lanczos (default) or an upscaler file's name; ``scale``: the factor (limits
+        ``upscale_scale``; past the size limits it is refused naming the largest factor allowed).
+        A refine pass — img2img over the upscaled image at ``refine_denoise`` (limits
+        ``refine_denoise``) with ``refine_prompt`` (default: the parent's prompt) — runs when either
+        is given (``refine_steps``: None, the variant's); its result is an img2img image on the
+        loaded model. ``progress(done, total)`` hears the upscaler's tiles."""
+        import time
+        from concurrent.futures import Future
+        from datetime import datetime, timezone
+
+        from studio.config import __version__
+        from studio.engine import build_request, check_number
+        from studio.engine.images import normalize_init_image
+        from studio.engine.limits import LIMITS
+        from studio.engine.request import GeneratedImage, GenerationResult
+        from studio.engine.upscale import LANCZOS
+        from studio.engine.upscale import upscale as run_upscale
+
+        if (image is None) == (image_id in (None, "")):
+            raise ValidationError("Give one image to upscale: an upload, or a gallery image's id.", "image")
+        parent: dict = {}
+        if image_id not in (None, ""):
+            item = self.get_image(image_id, owner)  # the owner check: another's id is "no image"
+            source = normalize_init_image(str(item.path), "image")
+            parent = dict(item.metadata or {})
+            image_id = item.id
+        else:
+            source = normalize_init_image(image, "image")  # header first, then decoded
+            image_id = None
+        scale = check_number("upscale_scale", LIMITS["upscale_scale"].default if scale in (None, "") else scale)
+        name = LANCZOS if upscaler in (None, "") else str(upscaler).strip()
+        refine = refine_denoise not in (None, "") or bool(str(refine_prompt or "").strip())
+        current = self.current
+        started = time.perf_counter()
+        with self.models.lock:  # one GPU job at a time: never beside a generation
+            device = current.placement.device if current is not None else self._device()
+            result = run_upscale(source, scale, upscaler=name, library=self.models.upscalers, device=device,
+                                 generation=refine, max_side=current.max_side if refine and current else None,
+                                 field="scale", progress=progress)
+        up = result.image
+        info = result.info
+        record = {"parent_image_id": image_id, "upscale_scale": scale, "upscale_upscaler": result.upscaler,
+                  "source_size": list(source.size)}
+        if info is not None:
+            record.update(upscaler=info.as_meta(), upscaler_hash=info.short_hash)
+        if refine:
+            strength = LIMITS["refine_denoise"].default if refine_denoise in (None, "") else refine_denoise
+            prompt = str(refine_prompt).strip() if str(refine_prompt or "").strip() else parent.get("prompt", "")
+            req = build_request({"prompt": prompt, "negative_prompt": parent.get("negative_prompt", ""),
+                                 "init_image": up, "width": up.size[0], "height": up.size[1], "strength": strength,
+                                 "seed": -1 if seed in (None, "") else seed, "steps": refine_steps}, "img2img")
+            self.check_request(req)
+            res = self.engine.generate(req, owner=owner, cancel=cancel, extra_meta=record)
+            res.notes[:0] = result.notes
+            return res
+        meta = {
+            "studio_version": __version__, "mode": "upscale",
+            "prompt": parent.get("prompt", "") if isinstance(parent.get("prompt"), str) else "",
+            "negative_prompt": parent.get("negative_prompt", "") if isinstance(parent.get("negative_prompt"), str) else "",
+            **{k: parent[k] for k in ("variant", "model", "model_name", "seed") if parent.get(k) is not None},
+            "width": up.size[0], "height": up.size[1], **record,
+            "timings": {"upscale_s": round(time.perf_counter() - started, 3)},
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        saved = self.gallery.save(up, meta, owner=owner)
+        done: Future = Future()
+        done.set_result(saved)
+        out = GeneratedImage(up, parent.get("seed") if isinstance(parent.get("seed"), int) else -1, meta, done)
+        return GenerationResult([out], out.seed, list(result.notes), False,
+                                {"total_s": round(time.perf_counter() - started, 3)})
+
+    def _device(self) -> str:
+        from studio.hardware import detect_hardware
+
+        try:
+            return detect_hardware(device=self.config.device).device
+        except ValueError as e:
+            raise ModelError(str(e)) from e
 
     # -- LoRAs --
 

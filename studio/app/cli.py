@@ -1,4 +1,4 @@
-"""Command line: ``python launch.py [serve flags]``, ``generate``, ``plan``.
+"""Command line: ``python launch.py [serve flags]``, ``generate``, ``upscale``, ``plan``.
 
 Heavy libraries (torch, diffusers, gradio) are imported inside the commands, so ``--help`` and
 the start of the web server stay fast. Every flag's default and range comes from the limits table
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shared", action="store_true",
                         help="a gallery per login/browser session, catalog models only, no token field "
                              "(implied by --share and on a Hugging Face Space)")
-    sub = parser.add_subparsers(dest="command", metavar="{generate,plan}")
+    sub = parser.add_subparsers(dest="command", metavar="{generate,upscale,plan}")
 
     gen = sub.add_parser("generate", help="generate images headlessly and save them to the gallery",
                          formatter_class=_HelpFormatter)
@@ -163,8 +163,36 @@ def build_parser() -> argparse.ArgumentParser:
                      help="read (word:1.2) and [word] as plain text, and only the first 75 CLIP tokens")
     gen.add_argument("--emphasis", choices=list(EMPHASIS), default="Original",
                      help="A1111's emphasis: Original (default) restores each chunk's mean after weighting")
+    gen.add_argument("--hires-scale", type=float, default=None, metavar="X", help=_limit_help("hires_scale"))
+    gen.add_argument("--hires-steps", type=int, default=None, metavar="N", help=_limit_help("hires_steps"))
+    gen.add_argument("--hires-denoise", type=float, default=None, metavar="D",
+                     help=f"hires fix: the second pass's denoising strength ({LIMITS['hires_denoise'].range_text()}; "
+                          f"default {LIMITS['hires_denoise'].default_for('txt2img')}, Turbo "
+                          f"{LIMITS['hires_denoise'].default_for('turbo')})")
+    gen.add_argument("--hires-upscaler", default=None, metavar="NAME",
+                     help="hires fix: Lanczos (default), latent-bislerp, latent-nearest-exact or an upscaler "
+                          "file's name in <data-dir>/upscalers")
+    gen.add_argument("--hires-variant", choices=sorted(VARIANTS), default=None,
+                     help="hires fix: run the second pass on another variant (e.g. Large, then Medium)")
     gen.add_argument("--json", action="store_true", help="print a JSON object instead of paths")
     _common(gen, sub=True)
+
+    up = sub.add_parser("upscale", help="upscale an image, save it to the gallery and print its path",
+                        formatter_class=_HelpFormatter)
+    up.add_argument("image", type=Path, help="the PNG/JPEG/WebP to upscale")
+    up.add_argument("--scale", type=float, default=None, help=_limit_help("upscale_scale"))
+    up.add_argument("--upscaler", default=None, metavar="NAME",
+                    help="Lanczos (default) or an upscaler file's name in <data-dir>/upscalers")
+    up.add_argument("--refine-prompt", default=None, metavar="TEXT",
+                    help="run a refine pass (img2img over the upscaled image) with this prompt")
+    up.add_argument("--refine-denoise", type=float, default=None, metavar="D",
+                    help=f"run a refine pass at this strength ({LIMITS['refine_denoise'].range_text()}; default "
+                         f"{LIMITS['refine_denoise'].default} when --refine-prompt is given)")
+    up.add_argument("--refine-steps", type=int, default=None, metavar="N",
+                    help="the refine pass's steps (default: the variant's recommendation)")
+    up.add_argument("--seed", type=int, default=-1, help="the refine pass's seed (-1: random)")
+    up.add_argument("--json", action="store_true", help="print a JSON object instead of the path")
+    _common(up, sub=True)
 
     add_plan_arguments(sub.add_parser("plan", help="show which memory preset fits this machine, and why",
                                       formatter_class=_HelpFormatter))
@@ -239,6 +267,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "sampler": args.sampler, "schedule": args.schedule, "prompt_3": args.prompt_3,
         "negative_prompt_3": args.negative_prompt_3, "styles": list(args.styles),
         "prompt_weighting": args.prompt_weighting, "emphasis": args.emphasis,
+        "hires_scale": args.hires_scale, "hires_steps": args.hires_steps, "hires_denoise": args.hires_denoise,
+        "hires_upscaler": args.hires_upscaler, "hires_variant": args.hires_variant,
     }
     try:
         studio = Studio(config)
@@ -280,6 +310,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_upscale(args: argparse.Namespace) -> int:
+    from studio.logs import quiet_libraries
+
+    quiet_libraries()
+    from studio.errors import StudioError
+    from studio.service import Studio
+
+    try:
+        config = config_from_args(args)
+    except ConfigError as e:
+        return fail(str(e))
+    if not args.image.is_file():
+        return fail(f"No such image: {args.image}.")
+    try:
+        studio = Studio(config)
+        studio.start()
+        studio.models.progress = lambda message, fraction: print(f"{message}…", file=sys.stderr)
+        result = studio.upscale(image=str(args.image), upscaler=args.upscaler, scale=args.scale,
+                                refine_prompt=args.refine_prompt, refine_denoise=args.refine_denoise,
+                                seed=args.seed, refine_steps=args.refine_steps)
+        result.wait_saved()
+    except StudioError as e:
+        return fail(str(e))
+    item = result.images[0]
+    if args.json:
+        print(json.dumps({"path": item.path, "id": item.id, "width": item.image.width, "height": item.image.height,
+                          "notes": result.notes, "info": result.info}, indent=2))
+    else:
+        for note in result.notes:
+            print(f"note: {note}", file=sys.stderr)
+        print(item.path)
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from studio.logs import quiet_libraries
 
@@ -310,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "plan":
             return cmd_plan(args)
+        if args.command == "upscale":
+            return cmd_upscale(args)
         return cmd_serve(args)
     except KeyboardInterrupt:
         return 130

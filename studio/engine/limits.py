@@ -81,8 +81,27 @@ LIMITS: dict[str, Limit] = {
         Limit("height", "Height", MIN_SIDE, MAX_SIDE, SIZE_MULTIPLE, None, True,
               help=f"pixels, snapped to a multiple of {SIZE_MULTIPLE} (default: the model's native size)"),
         Limit("lora_weight", "LoRA weight", -4.0, 4.0, 0.05, 1.0, help="0 turns a LoRA off"),
+        # Hires fix (#17): a first pass, an upscale, a second (img2img) pass at the new size
+        Limit("hires_scale", "Hires upscale by", 1.0, 4.0, 0.05, None,
+              help="1 or none = off; past the size limits it is refused naming the largest factor allowed"),
+        Limit("hires_steps", "Hires steps", 0, 150, 1, None, True, help="0 or none: half the first pass's steps (at least one step at the denoise)"),
+        Limit("hires_denoise", "Hires denoising strength", 0.0, 1.0, 0.01, 0.35, False, {"turbo": 0.5},
+              help="how much the second pass repaints the upscaled image"),
+        # Upscaling an existing image (Studio.upscale)
+        Limit("upscale_scale", "Upscale by", 1.05, 8.0, 0.05, 2.0,
+              help=f"the result must stay within {MAX_IMAGE_PIXELS // 10**6} MP (a refine pass: {MAX_SIDE} px a side)"),
+        Limit("refine_denoise", "Refine strength", 0.0, 1.0, 0.01, 0.3,
+              help="the optional img2img pass over the upscaled image"),
     )
 }
+
+# Hires fix: the VAE decodes in tiles when the second pass's image is larger than this (a hook for
+# the memory planner, which has no hires estimate yet: a full decode at 1536² in bf16 takes about
+# 6 GB on CUDA, studio.memory.bytes.vae_decode_bytes).
+HIRES_VAE_TILING_PIXELS = 1536 * 1536
+
+# What the gallery lists besides the generation modes: Studio.upscale's results.
+GALLERY_MODES = (*MODES, "upscale")
 
 
 def limit(name: str) -> Limit:

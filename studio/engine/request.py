@@ -51,6 +51,12 @@ class GenerationRequest:
     styles: list = field(default_factory=list)  # styles.csv names, applied in order (studio.engine.styles)
     prompt_weighting: bool = True  # A1111 (word:1.2) syntax and 75-token CLIP chunks; False: literal text
     emphasis: str = "Original"  # A1111's emphasis mode: "Original" | "No norm"
+    # Hires fix (#17): txt2img and Turbo; hires_scale None or 1 = off
+    hires_scale: float | None = None  # upscale factor of the first pass's image
+    hires_steps: int | None = None  # second-pass steps; None or 0: half the first pass's
+    hires_denoise: float | None = None  # None: the mode's default (limits)
+    hires_upscaler: str | None = None  # "Lanczos" (None), "latent-bislerp", "latent-nearest-exact" or a model's name
+    hires_variant: str | None = None  # another variant for the second pass (Large → Medium); None: the same model
 
 
 REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest))
@@ -126,12 +132,39 @@ class Resolved:
     schedule: str = "Normal"
     prompt: str = ""  # what the encoders read: the prompt with its styles applied
     negative_prompt: str = ""
+    hires: HiresPlan | None = None  # the hires fix's second pass, when asked for
 
     @property
     def effective_steps(self) -> int:
         if self.request.mode not in IMAGE_MODES:
             return self.steps
         return self.steps - int(max(self.steps - self.steps * self.request.strength, 0))
+
+    @property
+    def total_steps(self) -> int:
+        """Denoising steps of the whole request's run: both passes of a hires fix."""
+        return self.effective_steps + (self.hires.effective_steps if self.hires else 0)
+
+
+@dataclass
+class HiresPlan:
+    """The second pass of a hires-fix request, resolved."""
+
+    scale: float
+    width: int  # the second pass's size (a multiple of 16)
+    height: int
+    steps: int  # num_inference_steps of the img2img pass (it runs int(steps × denoise) of them)
+    denoise: float
+    upscaler: str  # "Lanczos", a latent upscaler or a model's name
+    variant: str | None = None  # another variant for the second pass
+    latent: bool = False  # the first pass's latents are upscaled (no VAE decode/encode between)
+    vae_tiling: bool = False  # decode the second pass in tiles (engine.limits.HIRES_VAE_TILING_PIXELS)
+    info: object = None  # UpscalerInfo of a model upscaler (after Engine.prepare)
+
+    @property
+    def effective_steps(self) -> int:
+        """The steps the img2img pass runs (diffusers' ``get_timesteps``, as Resolved's)."""
+        return self.steps - int(max(self.steps - self.steps * self.denoise, 0))
 
 
 @dataclass
@@ -189,10 +222,17 @@ class GenerationResult:
         if not self.images:
             return "Cancelled before any image finished." if self.cancelled else "No images."
         m = self.images[0].metadata
-        lines = [
-            f"{len(self.images)} image(s), {m['width']}×{m['height']}, {m['steps']} steps, "
-            f"CFG {m['guidance']}, seed {self.seed}, {m['model']}, {self.timings.get('total_s', 0):.1f}s"
-        ]
+        if m.get("mode") == "upscale":  # Studio.upscale: no generation ran
+            source = m.get("source_size") or ["?", "?"]
+            lines = [f"Upscaled {source[0]}×{source[1]} by {m.get('upscale_scale')} with {m.get('upscale_upscaler')}: "
+                     f"{m['width']}×{m['height']}, {self.timings.get('total_s', 0):.1f}s"]
+        else:
+            lines = [
+                f"{len(self.images)} image(s), {m['width']}×{m['height']}, {m['steps']} steps, "
+                f"CFG {m['guidance']}, seed {self.seed}, {m['model']}, {self.timings.get('total_s', 0):.1f}s"
+            ]
+            if m.get("hires_size"):
+                lines[0] += f"; hires fix to {m['hires_size'][0]}×{m['hires_size'][1]}"
         if self.cancelled:
             lines.append("Cancelled: the finished images were kept.")
         lines += self.notes

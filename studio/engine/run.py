@@ -72,7 +72,35 @@ class Engine:
                 resolved.notes.append(f"LoRA {name!r} has weight 0: it is off.")
             resolved.notes.extend(getattr(infos[-1][0], "notes", ()))  # e.g. kohya modules not applied
         resolved.loras = infos
+        if resolved.hires is not None:
+            self._prepare_hires(resolved, loaded)
         return resolved
+
+    def _prepare_hires(self, r: Resolved, loaded) -> None:
+        """Resolve the hires fix's upscaler file and second variant before anything runs."""
+        from studio.engine.upscale import LANCZOS
+        from studio.models.upscalers import UpscalerError
+
+        h = r.hires
+        if not h.latent and h.upscaler != LANCZOS:
+            try:
+                h.info = self.models.upscalers.info(h.upscaler)
+            except UpscalerError as e:
+                raise ValidationError(str(e), "hires_upscaler") from None
+            r.notes.extend(h.info.notes)
+        if h.variant == loaded.variant.name:
+            h.variant = None
+        if h.variant is not None:
+            ok, message = self.models.availability(h.variant)
+            if not ok:
+                raise ValidationError(f"The hires variant {h.variant} is not on this machine: {message}",
+                                      "hires_variant")
+            if r.loras:
+                r.notes.append(f"LoRAs apply to the first pass only: they are made for {loaded.variant.label}, "
+                               f"not for the second pass's {h.variant}.")
+        if r.slg:
+            r.notes.append("Skip Layer Guidance runs in the first pass only (the second pass is img2img, "
+                           "which has none).")
 
     def encode(self, pipe, loaded, r: Resolved, cfg: bool, text_loras: tuple = ()):
         """Prompt embeddings for one image, from the cache when the same prompt was seen.
@@ -119,6 +147,7 @@ class Engine:
         cancel: CancelToken | None = None,
         owner: str | None = None,
         on_image: Callable[[GeneratedImage], None] | None = None,
+        extra_meta: dict | None = None,
     ) -> GenerationResult:
         """Generate the images ``req`` asks for on the model the manager holds for its variant.
 
@@ -126,7 +155,8 @@ class Engine:
         handed to the gallery, which writes it in the background); ``cancel`` stops between steps
         and keeps the finished images; ``owner`` is whose gallery the images go to. Raises
         ValidationError (bad input, nothing ran), ModelError or GenerationError (out of memory:
-        the model stays loaded).
+        the model stays loaded). ``extra_meta``: fields added to every image's metadata (the
+        service's upscale-and-refine records the parent image this way).
         """
         with self.models.use(self._variant_for(req)) as loaded:
             resolved = self.prepare(req, loaded)
@@ -136,9 +166,9 @@ class Engine:
                     f"Turbo mode runs on {loaded.label}, which is not the distilled Turbo model; "
                     "expect weak images at 4 steps."
                 )
-            return self._run(resolved, loaded, on_progress, cancel, owner, on_image)
+            return self._run(resolved, loaded, on_progress, cancel, owner, on_image, extra_meta)
 
-    def _run(self, r: Resolved, loaded, on_progress, cancel, owner, on_image) -> GenerationResult:
+    def _run(self, r: Resolved, loaded, on_progress, cancel, owner, on_image, extra_meta=None) -> GenerationResult:
         import torch
 
         from studio.engine.samplers import scheduler_for
@@ -166,6 +196,27 @@ class Engine:
         started = time.perf_counter()
         images: list[GeneratedImage] = []
         cancelled = False
+        h = r.hires
+        pending = []  # hires on another variant: first passes waiting for the one swap
+
+        def emit(out_images, seeds, run, run_s, first=loaded, second=None):
+            for k, (image, s) in enumerate(zip(out_images, seeds)):
+                if soft_mask is not None:  # back into the source through the feathered mask
+                    from studio.engine.inpaint import paste_back
+
+                    image = paste_back(r.init_image, image, soft_mask, r.inpaint_plan)
+                meta = self._metadata(r, first, s, run, k, init_sha, run_s, mask_sha)
+                if h is not None:
+                    meta.update(self._hires_metadata(r, second or first))
+                if extra_meta:
+                    meta.update(extra_meta)
+                item = GeneratedImage(image, s, meta)
+                if self.gallery is not None:  # written in the background: the next run starts now
+                    item.saving = self.gallery.save_async(image, meta, owner=owner)
+                images.append(item)
+                if on_image:
+                    on_image(item)
+
         try:
             for run in range(req.batch_count):
                 if cancel and cancel.cancelled:
@@ -175,8 +226,9 @@ class Engine:
                 run_started = time.perf_counter()
 
                 def on_step(p, i, t, kwargs, _run=run):
-                    if on_progress:
-                        on_progress(ProgressEvent(i + 1, p.num_timesteps, _run, req.batch_count,
+                    if on_progress:  # a hires fix's bar spans both passes
+                        total = p.num_timesteps + (h.effective_steps if h is not None else 0)
+                        on_progress(ProgressEvent(i + 1, total, _run, req.batch_count,
                                                   kwargs.get("latents"), time.perf_counter() - started))
                     if cancel and cancel.cancelled:
                         p._interrupt = True
@@ -218,6 +270,8 @@ class Engine:
                         skip_layer_guidance_start=r.slg["start"],
                         skip_layer_guidance_stop=r.slg["stop"],
                     )
+                if h is not None and h.latent:  # the latents themselves are upscaled: no decode here
+                    kwargs["output_type"] = "latent"
                 out = None
                 try:
                     out = pipe(**kwargs)
@@ -230,24 +284,139 @@ class Engine:
                 if getattr(pipe, "_interrupt", False) or (cancel and cancel.cancelled):
                     cancelled = True  # the interrupted run is half-denoised: not kept
                     break
-                run_s = time.perf_counter() - run_started
-                for k, (image, s) in enumerate(zip(out.images, seeds)):
-                    if soft_mask is not None:  # back into the source through the feathered mask
-                        from studio.engine.inpaint import paste_back
-
-                        image = paste_back(r.init_image, image, soft_mask, r.inpaint_plan)
-                    meta = self._metadata(r, loaded, s, run, k, init_sha, run_s, mask_sha)
-                    item = GeneratedImage(image, s, meta)
-                    if self.gallery is not None:  # written in the background: the next run starts now
-                        item.saving = self.gallery.save_async(image, meta, owner=owner)
-                    images.append(item)
-                    if on_image:
-                        on_image(item)
+                first_steps = pipe.num_timesteps
+                embeds = (pe, npe, ppe, nppe)
+                if h is None:
+                    emit(out.images, seeds, run, time.perf_counter() - run_started)
+                elif h.variant is None:  # the second pass on the same model, straight away
+                    second = self._hires(r, loaded, loaded, out.images, seeds, embeds, run, first_steps,
+                                         started, on_progress, cancel, text_loras)
+                    if second is None:
+                        cancelled = True
+                        break
+                    emit(second, seeds, run, time.perf_counter() - run_started)
+                else:  # another variant: every first pass now, one swap, then every second pass
+                    first = out.images.cpu() if h.latent else out.images
+                    pending.append((run, seeds, first, tuple(None if t is None else t.cpu() for t in embeds),
+                                    first_steps, time.perf_counter() - run_started))
+            if pending and not cancelled:
+                with self.models.use(h.variant) as second_model:  # shares the encoders and the VAE
+                    self.models.activate_loras(second_model, [])
+                    for run, seeds, first, embeds, first_steps, run_s in pending:
+                        if cancel and cancel.cancelled:
+                            cancelled = True
+                            break
+                        t0 = time.perf_counter()
+                        second = self._hires(r, loaded, second_model, first, seeds, embeds, run, first_steps,
+                                             started, on_progress, cancel, text_loras)
+                        if second is None:
+                            cancelled = True
+                            break
+                        emit(second, seeds, run, run_s + time.perf_counter() - t0, second=second_model)
+                r.notes.append(f"The second pass ran on {second_model.label}, which stays loaded.")
         finally:
             pipe.scheduler = scheduler
             pipe._interrupt = False
         total = time.perf_counter() - started
         return GenerationResult(images, r.seed, r.notes, cancelled, {"total_s": round(total, 3)})
+
+    def _hires(self, r: Resolved, loaded, second, first, seeds, embeds, run, first_steps, started, on_progress,
+               cancel, text_loras):
+        """The hires fix's second pass for one run: upscale the first pass's images (or latents),
+        then img2img on ``second`` (``loaded`` itself, or the hires variant, which shares the text
+        encoders and the VAE) with the first pass's prompt embeddings — no text encoder runs again
+        when the encoders are the same objects. Returns the images, or None when cancelled."""
+        import torch
+
+        from studio.engine.samplers import scheduler_for
+        from studio.engine.upscale import upscale, upscale_latents
+
+        h, req = r.hires, r.request
+        if h.latent:
+            init = upscale_latents(first, h.width, h.height, h.upscaler)
+        else:
+            init = []
+            for image in first:
+                res = upscale(image, size=(h.width, h.height), upscaler=h.upscaler, library=self.models.upscalers,
+                              device=loaded.placement.device, generation=True, max_side=loaded.max_side,
+                              field="hires_upscaler")
+                init.append(res.image)
+                r.notes.extend(n for n in res.notes if n not in r.notes)
+        pipe2 = self.models.img2img(second)
+        device = pipe2._execution_device
+        parts = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+        same = second is loaded or all(
+            loaded.identities.get(n) is not None and loaded.identities.get(n) == second.identities.get(n)
+            for n in parts if getattr(loaded.pipe, n, None) is not None)
+        if same:  # the first pass's embeddings: zero extra text-encoder passes
+            pe, npe, ppe, nppe = (None if t is None else t.to(device) for t in embeds)
+        else:
+            note = f"{second.label}'s text encoders differ from {loaded.label}'s: the prompt was encoded again."
+            if note not in r.notes:
+                r.notes.append(note)
+            pe, npe, ppe, nppe = (None if t is None else t.to(device).repeat_interleave(req.batch_size, 0)
+                                  for t in self.encode(pipe2, second, r, r.guidance > 1.0, text_loras))
+
+        def on_step2(p, i, t, kwargs):
+            if on_progress:
+                on_progress(ProgressEvent(first_steps + i + 1, first_steps + p.num_timesteps, run, req.batch_count,
+                                          kwargs.get("latents"), time.perf_counter() - started))
+            if cancel and cancel.cancelled:
+                p._interrupt = True
+            return {}
+
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        base = pipe2.scheduler
+        vae = pipe2.vae
+        tiling = _vae_tiling_state(vae)
+        out = None
+        try:
+            pipe2.scheduler = scheduler_for(base, r.sampler, r.schedule, r.shift, generator=generators)
+            if h.vae_tiling and not tiling[0]:
+                # The memory planner has no hires estimate yet (studio/memory/planner.py): until it
+                # decides, decode and encode past HIRES_VAE_TILING_PIXELS in tiles, as its presets do.
+                from studio.memory.presets import enable_vae_tiling
+
+                enable_vae_tiling(vae)
+                note = f"The VAE decodes the {h.width}×{h.height} second pass in tiles."
+                if note not in r.notes:
+                    r.notes.append(note)
+            kwargs = dict(image=init, strength=h.denoise, num_inference_steps=h.steps, guidance_scale=r.guidance,
+                          height=h.height, width=h.width, prompt_embeds=pe, negative_prompt_embeds=npe,
+                          pooled_prompt_embeds=ppe, negative_pooled_prompt_embeds=nppe, num_images_per_prompt=1,
+                          generator=generators, max_sequence_length=req.max_sequence_length,
+                          callback_on_step_end=on_step2, callback_on_step_end_tensor_inputs=["latents"])
+            try:
+                out = pipe2(**kwargs)
+            except torch.OutOfMemoryError:
+                pass  # handled below, once the traceback (and its activations) is gone
+            if out is None:
+                del kwargs, init
+                free_memory()
+                raise GenerationError(_oom_message(second, r, (h.width, h.height)))
+            if getattr(pipe2, "_interrupt", False) or (cancel and cancel.cancelled):
+                return None
+            return out.images
+        finally:
+            pipe2.scheduler = base
+            pipe2._interrupt = False
+            _restore_vae_tiling(vae, tiling)
+
+    def _hires_metadata(self, r: Resolved, second) -> dict:
+        """A hires image's second pass, as stored (width/height stay the first pass's, A1111's Size)."""
+        h = r.hires
+        meta = {"hires_scale": h.scale, "hires_steps": h.steps, "hires_denoise": h.denoise,
+                "hires_upscaler": h.upscaler, "hires_size": [h.width, h.height]}
+        if h.variant is not None:
+            meta["hires_variant"] = h.variant
+            meta["hires_model"] = second.label
+            name = _model_hashes(self.models, second).get("model_name")
+            if name:
+                meta["hires_model_name"] = name
+        if h.info is not None:
+            meta["upscaler"] = h.info.as_meta()
+            meta["upscaler_hash"] = h.info.short_hash
+        return meta
 
     def _store(self, kind: str, image) -> str:
         """Store an input image by content (when there is a store) and return its sha256."""
@@ -325,9 +494,27 @@ def _model_hashes(models, loaded) -> dict:
     return {"model_name": name, "model_hash": digest} if digest else {"model_name": name}
 
 
-def _oom_message(loaded, r: Resolved) -> str:
+def _vae_tiling_state(vae) -> tuple:
+    return (bool(getattr(vae, "use_tiling", False)), bool(getattr(vae, "use_slicing", False)),
+            getattr(vae, "tile_sample_min_size", None), getattr(vae, "tile_latent_min_size", None))
+
+
+def _restore_vae_tiling(vae, state) -> None:
+    """Put the VAE back as the preset left it (the hires pass may have turned tiling on)."""
+    tiling, slicing, sample, latent = state
+    if tiling == bool(getattr(vae, "use_tiling", False)) and slicing == bool(getattr(vae, "use_slicing", False)):
+        return
+    vae.use_tiling, vae.use_slicing = tiling, slicing
+    if sample is not None:
+        vae.tile_sample_min_size = sample
+    if latent is not None:
+        vae.tile_latent_min_size = latent
+
+
+def _oom_message(loaded, r: Resolved, size: tuple[int, int] | None = None) -> str:
+    width, height = size or (r.width, r.height)
     return (
-        f"Out of GPU memory at {r.width}×{r.height} with {loaded.label} (preset {loaded.placement.name}). "
+        f"Out of GPU memory at {width}×{height} with {loaded.label} (preset {loaded.placement.name}). "
         "The model is still loaded. Try a smaller size or batch, or pick a lower preset in "
         "Models & Memory (e.g. 8-bit T5, NF4 or model offload)."
     )

@@ -16,6 +16,7 @@ from dataclasses import replace
 from studio.catalog import MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE, Variant
 from studio.engine.images import normalize_init_image
 from studio.engine.limits import (
+    HIRES_VAE_TILING_PIXELS,
     IMAGE_MODES,
     LIMITS,
     MAX_IMAGES,
@@ -201,6 +202,56 @@ def _check_styles(req: GenerationRequest, styles) -> tuple[str, str]:
     return prompt, negative
 
 
+def _check_hires(req: GenerationRequest, steps: int, width: int, height: int, limit: int, notes: list[str]):
+    """The hires fix's second pass (a HiresPlan), or None when ``hires_scale`` is off (None or 1).
+
+    The scale is refused past the size limits naming the largest factor allowed; the upscaler's
+    *name* is checked here, the file it names in ``Engine.prepare``."""
+    from studio.catalog import VARIANTS
+    from studio.engine.request import HiresPlan
+    from studio.engine.upscale import LANCZOS, check_scale
+    from studio.models.upscalers import LATENT_UPSCALERS
+
+    if req.hires_scale is None or (not isinstance(req.hires_scale, bool) and req.hires_scale == 1):
+        return None
+    scale = check_number("hires_scale", req.hires_scale)
+    if req.mode not in ("txt2img", "turbo"):
+        raise ValidationError("Hires fix runs in txt2img and Turbo; in img2img and inpaint set the size "
+                              "instead (or upscale the result from the gallery).", "hires_scale")
+    w2, h2 = check_scale(width, height, scale, generation=True, field="hires_scale", max_side=limit)
+    denoise = check_number("hires_denoise", LIMITS["hires_denoise"].default_for(req.mode)
+                           if req.hires_denoise is None else req.hires_denoise)
+    if req.hires_steps in (None, 0):  # half the first pass's, and enough for one step at this denoise
+        steps2 = max(1, steps // 2, math.ceil(1 / denoise - 1e-9) if denoise > 0 else 1)
+        steps2 = min(steps2, int(LIMITS["hires_steps"].hi))
+    else:
+        steps2 = check_number("hires_steps", req.hires_steps)
+    if int(steps2 * denoise) < 1:
+        need = math.ceil(1 / denoise) if denoise > 0 else None
+        raise ValidationError(
+            f"The second pass runs hires steps × denoise = {steps2} × {denoise:g} = {steps2 * denoise:.2f} steps, "
+            "less than one. " + (f"Use at least {need} hires steps or a higher denoise." if need
+                                 else "Use a denoise above 0 (0.3–0.5 keeps the first pass's picture)."),
+            "hires_steps" if denoise > 0 else "hires_denoise")
+    upscaler = LANCZOS if req.hires_upscaler in (None, "") else req.hires_upscaler
+    if not isinstance(upscaler, str):
+        raise ValidationError("The hires upscaler is a name: Lanczos, latent-bislerp, latent-nearest-exact or "
+                              "an upscaler file's name.", "hires_upscaler")
+    upscaler = upscaler.strip()
+    latent = upscaler in LATENT_UPSCALERS
+    if upscaler.lower() == LANCZOS.lower():
+        upscaler = LANCZOS
+    if latent and denoise < 0.5:
+        notes.append(f"{upscaler} enlarges the latents themselves: below about 0.5 hires denoise the result "
+                     "looks soft (Lanczos or a model upscaler keeps more detail at low denoise).")
+    variant = req.hires_variant or None
+    if variant is not None and variant not in VARIANTS:
+        raise ValidationError(f"Unknown hires variant {str(variant)[:60]!r}; use one of {', '.join(VARIANTS)} "
+                              "(or none: the same model).", "hires_variant")
+    return HiresPlan(scale, w2, h2, steps2, denoise, upscaler, variant, latent,
+                     vae_tiling=w2 * h2 > HIRES_VAE_TILING_PIXELS)
+
+
 def validate(req: GenerationRequest, variant: Variant, max_side: int = MAX_SIDE,
              native_size: tuple[int, int] = (1024, 1024), images: bool = True, styles=None) -> Resolved:
     """Check a request against a variant and the loaded model's limits; fill in defaults.
@@ -295,6 +346,8 @@ def validate(req: GenerationRequest, variant: Variant, max_side: int = MAX_SIDE,
             f"(about {variant.min_pixels / 1e6:.2f}–{variant.max_pixels / 1e6:.1f} MP); expect weaker images."
         )
 
+    hires = _check_hires(req, steps, width, height, limit, notes)
+
     slg = None
     want_slg = variant.slg.recommended if req.slg is None else bool(req.slg)
     if want_slg:
@@ -325,4 +378,4 @@ def validate(req: GenerationRequest, variant: Variant, max_side: int = MAX_SIDE,
                   **({"strength": strength} if strength is not None else {}))
     return Resolved(req, variant, width, height, steps, guidance, seed, slg, shift, init_image, notes,
                     mask=mask, inpaint_plan=inpaint_plan, loras=loras, sampler=sampler, schedule=schedule,
-                    prompt=prompt, negative_prompt=negative)
+                    prompt=prompt, negative_prompt=negative, hires=hires)

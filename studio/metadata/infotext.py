@@ -381,7 +381,7 @@ PARAMS: tuple[Param, ...] = (
     _simple("Seed", "seed"),
     Param("Size", ("width", "height"), _write_size, _read_size),
     Param("Model", ("variant",), _write_model, _read_model),
-    _simple("Denoising strength", "strength"),
+    Param("Denoising strength", ("strength",), lambda m: _write_denoise(m), lambda t: {"strength": _to_float(t)}),
     _simple("Shift", "shift"),
     Param("SLG layers", ("slg.layers",), _write_layers, _read_layers),
     _simple("SLG scale", "slg.scale", when=_slg_on),
@@ -403,6 +403,68 @@ INPAINT_PARAMS: tuple[Param, ...] = (
     _simple("Masked area padding", "padding", when=lambda _v, m: bool(m.get("only_masked"))),
 )
 
+# Hires fix, as A1111 writes it: "Denoising strength: 0.35, Hires upscale: 2, Hires steps: 15,
+# Hires upscaler: 4x-UltraSharp" (+ "Hires checkpoint" for another model in the second pass).
+_LATENT_NAMES = {"latent-nearest-exact": "Latent (nearest-exact)", "latent-bislerp": "Latent (bislerp)"}
+
+
+def _hires_on(_value: Any, meta: dict) -> bool:
+    return meta.get("hires_scale") is not None
+
+
+def _write_denoise(meta: dict) -> str | None:
+    """A1111's ``Denoising strength``: img2img's strength, or a hires fix's second-pass denoise."""
+    value = meta.get("strength")
+    if value is None and meta.get("hires_scale") is not None:
+        value = meta.get("hires_denoise")
+    return None if value is None else _fmt_float(value)
+
+
+def _write_hires_upscaler(meta: dict) -> str | None:
+    if meta.get("hires_scale") is None or not meta.get("hires_upscaler"):
+        return None
+    name = str(meta["hires_upscaler"])
+    return _LATENT_NAMES.get(name, name)
+
+
+def _read_hires_upscaler(text: str) -> dict[str, Any]:
+    text = text.strip()
+    ours = {v: k for k, v in _LATENT_NAMES.items()}
+    return {"hires_upscaler": ours.get(text, text)}
+
+
+def _write_hires_checkpoint(meta: dict) -> str | None:
+    if meta.get("hires_scale") is None:
+        return None
+    return meta.get("hires_model_name") or meta.get("hires_variant") or None
+
+
+def _read_hires_checkpoint(text: str) -> dict[str, Any]:
+    variant = guess_variant(text.strip().split(" [")[0])  # A1111: "sd3.5_medium.safetensors [hash]"
+    if variant is None:
+        raise ValueError(f"no variant in {text!r}")
+    return {"hires_variant": variant, "hires_model_name": text.strip()}
+
+
+#: Hires fix's keys, written after the common ones when the image had a second pass.
+HIRES_PARAMS: tuple[Param, ...] = (
+    Param("Hires upscale", ("hires_scale",),  # "2", as A1111 writes it (not "2.0")
+          lambda m: None if m.get("hires_scale") is None else f"{float(m['hires_scale']):g}",
+          lambda t: {"hires_scale": _to_float(t)}),
+    _simple("Hires steps", "hires_steps", when=_hires_on),
+    Param("Hires upscaler", ("hires_upscaler",), _write_hires_upscaler, _read_hires_upscaler),
+    Param("Hires checkpoint", ("hires_variant",), _write_hires_checkpoint, _read_hires_checkpoint),
+    Param("Hires upscaler hash", ("upscaler_hash",),  # studio-only: A1111 records no upscaler hash
+          lambda m: (m.get("upscaler_hash") or None) if m.get("hires_scale") is not None else None,
+          lambda t: {"upscaler_hash": _read_model_hash(t)["model_hash"]}),
+)
+
+#: An image upscaled from another (Studio.upscale): A1111's Extras keys.
+UPSCALE_PARAMS: tuple[Param, ...] = (
+    _simple("Postprocess upscale by", "upscale_scale"),
+    _simple("Postprocess upscaler", "upscale_upscaler"),
+)
+
 #: The hashes other tools link by (A1111, Forge, Civitai), written last: see studio/models/hashes.py.
 HASH_PARAMS: tuple[Param, ...] = (
     Param("Model hash", ("model_hash",), lambda m: m.get("model_hash") or None, _read_model_hash),
@@ -410,7 +472,7 @@ HASH_PARAMS: tuple[Param, ...] = (
 )
 
 _PARAM_BY_KEY: dict[str, Param] = {}
-for _p in (*PARAMS, *INPAINT_PARAMS, *HASH_PARAMS):
+for _p in (*PARAMS, *INPAINT_PARAMS, *HIRES_PARAMS, *UPSCALE_PARAMS, *HASH_PARAMS):
     for _k in (_p.key, *_p.aliases):
         _PARAM_BY_KEY[_k] = _p
 
@@ -431,7 +493,7 @@ def to_infotext(meta: dict) -> str:
     negative = str(meta.get("styled_negative_prompt") or meta.get("negative_prompt") or "")
     parts: list[str] = []
     written: set[str] = set()
-    for param in (*PARAMS, *INPAINT_PARAMS, *HASH_PARAMS):
+    for param in (*PARAMS, *INPAINT_PARAMS, *HIRES_PARAMS, *UPSCALE_PARAMS, *HASH_PARAMS):
         try:
             value = param.write(meta)
         except (TypeError, ValueError, OverflowError):
@@ -487,6 +549,10 @@ def infotext_to_fields(params: dict[str, Any]) -> dict[str, Any]:
             extras[key] = value
         for name, v in values.items():
             _set_dotted(fields, name, v)
+    if fields.get("hires_scale") is not None:  # a hires fix: its Denoising strength is the second pass's
+        if fields.get("strength") is not None:
+            fields["hires_denoise"] = fields.pop("strength")
+        fields.setdefault("mode", "txt2img")
     if fields.get("mask_blur") is not None or fields.get("only_masked") is not None:
         fields.setdefault("mode", "inpaint")
     if fields.get("strength") is not None:

@@ -24,7 +24,7 @@ MAX_LIST = 64  # items of one list field read from outside
 @dataclass(frozen=True)
 class Field:
     name: str
-    kind: str  # "str" | "int" | "float" | "bool" | "sha256" | "hex" | "slg" | "loras" | "box" | "text_map" | "hash_map" | "dict" | "str_list"
+    kind: str  # "str" | "int" | "float" | "bool" | "sha256" | "hex" | "slg" | "loras" | "box" | "text_map" | "hash_map" | "dict" | "str_list" | "upscaler"
     doc: str
     request: bool = False  # a GenerationRequest field ("reuse parameters" sets it)
 
@@ -66,6 +66,20 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("styles", "str_list", "styles.csv styles applied, in order", True),
     Field("styled_prompt", "str", "the prompt the encoders read (the styles applied)"),
     Field("styled_negative_prompt", "str", "the negative prompt the encoders read (the styles applied)"),
+    Field("hires_scale", "float", "hires fix: the first pass's image upscaled by this factor", True),
+    Field("hires_steps", "int", "hires fix: the second pass's steps (it runs steps × denoise)", True),
+    Field("hires_denoise", "float", "hires fix: the second pass's denoising strength", True),
+    Field("hires_upscaler", "str", "hires fix: Lanczos, latent-bislerp, latent-nearest-exact or an upscaler's name", True),
+    Field("hires_variant", "str", "hires fix: the variant of the second pass (none: the same model)", True),
+    Field("hires_size", "box", "hires fix: the final size (width, height); width/height are the first pass's"),
+    Field("hires_model", "str", "hires fix: the second pass's model label"),
+    Field("hires_model_name", "str", "A1111's 'Hires checkpoint': the second pass's model name"),
+    Field("upscaler", "upscaler", "the upscaler model used {name, sha256, hash (10 hex), architecture, scale}"),
+    Field("upscaler_hash", "hex", "the upscaler file's sha256, first 10 hex (studio-only: A1111 has none)"),
+    Field("upscale_scale", "float", "upscaled from the parent image by this factor"),
+    Field("upscale_upscaler", "str", "what upscaled it from the parent image (A1111's 'Postprocess upscaler')"),
+    Field("source_size", "box", "the size of the image it was upscaled from"),
+    Field("parent_image_id", "str", "the gallery id of the image it was upscaled from (shown, never opened)"),
     Field("studio_version", "str", "the studio version that wrote the image"),
     Field("created_at", "str", "ISO time"),
     Field("batch_index", "int", "run index in the batch"),
@@ -160,6 +174,21 @@ def _hash_map(v):
     return {str(k)[:200]: h for k, x in list(v.items())[:MAX_LIST] if (h := _hex(x)) is not None}
 
 
+def _upscaler(v):
+    if not isinstance(v, dict) or not isinstance(v.get("name"), str):
+        return None
+    out: dict[str, Any] = {"name": v["name"][:200]}
+    if isinstance(v.get("sha256"), str) and SHA256_RE.match(v["sha256"]):
+        out["sha256"] = v["sha256"]
+    if _hex(v.get("hash")):
+        out["hash"] = _hex(v["hash"])
+    if isinstance(v.get("architecture"), str):
+        out["architecture"] = v["architecture"][:60]
+    if _int(v.get("scale")) is not None:
+        out["scale"] = _int(v["scale"])
+    return out
+
+
 def _str_list(v):
     if not isinstance(v, list):
         return None
@@ -178,6 +207,7 @@ _CLEAN = {
     "sha256": lambda v: v if isinstance(v, str) and SHA256_RE.match(v) else None,
     "hex": _hex, "hash_map": _hash_map,
     "slg": _slg, "loras": _loras, "box": _box, "text_map": _text_map, "dict": _dict, "str_list": _str_list,
+    "upscaler": _upscaler,
 }
 
 

@@ -31,6 +31,7 @@ from studio.logs import quiet_libraries
 from studio.models.identity import HashCache
 from studio.models.lora import LoraLibrary
 from studio.models.placement import Placement, default_placement
+from studio.models.upscalers import UpscalerLibrary
 from studio.models.sources import PICKLE_SUFFIXES, ModelSource, ProgressFn, download, short_error, missing_weights_message, parse_source
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,12 @@ class ModelManager:
         self._img2img = None
         self._inpaint = None
         self.loras = LoraLibrary(config.loras_dir, self.hashes)
+        self.upscalers = UpscalerLibrary(config.upscalers_dir, hashes=self.hashes)
+        if config.demo:  # the demo's tiny ESRGAN (random weights, 0.9 MB), so upscaling works offline
+            from studio.demo.upscaler import TINY_UPSCALER_NAME, build_tiny_upscaler
+
+            if not (config.upscalers_dir / f"{TINY_UPSCALER_NAME}.safetensors").is_file():
+                build_tiny_upscaler(config.upscalers_dir / f"{TINY_UPSCALER_NAME}.safetensors", scale=2)
 
     # -- where a variant comes from --
 

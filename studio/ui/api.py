@@ -18,7 +18,7 @@ from studio.engine.samplers import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES
 from studio.engine.weighting import EMPHASIS
 from studio.service import PAGE_SIZE
 from studio.ui.components import RawNumber
-from studio.ui.jobs import call, error, gpu_event
+from studio.ui.jobs import as_gr_error, call, error, gpu_event, user_errors
 
 SLG_CHOICES = ["auto", "on", "off"]
 
@@ -64,23 +64,41 @@ def _sampling_inputs(studio, negative=True) -> list:
     return parts
 
 
+def _hires(hires_scale, hires_steps, hires_denoise, hires_upscaler, hires_variant) -> dict:
+    """The hires-fix parameters of /txt2img and /turbo (#17)."""
+    return dict(hires_scale=hires_scale, hires_steps=hires_steps, hires_denoise=hires_denoise,
+                hires_upscaler=hires_upscaler, hires_variant=hires_variant)
+
+
+def _hires_inputs(studio, mode: str) -> list:
+    return [_num("hires_scale", mode), _num("hires_steps", mode), _num("hires_denoise", mode),
+            gr.Dropdown(["", *studio.hires_upscaler_choices()], value="", allow_custom_value=True,
+                        label="hires_upscaler", info="'': Lanczos; latent-bislerp / latent-nearest-exact; a file's name"),
+            gr.Dropdown([""] + list(VARIANTS), value="", label="hires_variant",
+                        info="another variant for the second pass ('': the same model)")]
+
+
 def _generation_endpoints(ctx, out):
     """/txt2img, /img2img, /inpaint, /turbo."""
 
     def txt2img(prompt, negative_prompt=None, width=None, height=None, steps=None, guidance=None, seed=None, batch_count=None, batch_size=None, slg=None,
                 max_sequence_length=None, shift=None, loras=None, sampler=None, schedule=None, prompt_3=None,
-                negative_prompt_3=None, styles=None, prompt_weighting=None, emphasis=None,
+                negative_prompt_3=None, styles=None, prompt_weighting=None, emphasis=None, hires_scale=None,
+                hires_steps=None, hires_denoise=None, hires_upscaler=None, hires_variant=None,
                 request: gr.Request = None, progress=gr.Progress()):
         """Text to image. Returns (the saved PNG files, the first seed used, the info text).
 
         width/height None: the model's native size (snapped to 16, and said so); steps/guidance
         None: the variant's recommendation; seed -1: random; loras: "name:0.8, other" or <lora:name:0.8>;
-        sampler/schedule: Forge's names (schedule '' = the sampler's default); styles: styles.csv names."""
+        sampler/schedule: Forge's names (schedule '' = the sampler's default); styles: styles.csv names;
+        hires_scale above 1: hires fix (upscale with hires_upscaler, then a second pass of hires_steps at
+        hires_denoise, on hires_variant if given)."""
         return _generate(ctx, "txt2img", dict(
             prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
             guidance=guidance, seed=seed, batch_count=batch_count, batch_size=batch_size, slg=slg,
             max_sequence_length=max_sequence_length, shift=shift, loras=loras,
-            **_sampling(sampler, schedule, prompt_3, negative_prompt_3, styles, prompt_weighting, emphasis)),
+            **_sampling(sampler, schedule, prompt_3, negative_prompt_3, styles, prompt_weighting, emphasis),
+            **_hires(hires_scale, hires_steps, hires_denoise, hires_upscaler, hires_variant)),
             request, progress)
 
     def img2img(init_image=None, prompt=None, negative_prompt=None, strength=None, width=None, height=None, steps=None, guidance=None, seed=None, batch_count=None,
@@ -114,11 +132,13 @@ def _generation_endpoints(ctx, out):
 
     def turbo(prompt, width=None, height=None, steps=None, seed=None, batch_count=None, batch_size=None,
               sampler=None, schedule=None, prompt_3=None, styles=None, prompt_weighting=None, emphasis=None,
+              hires_scale=None, hires_steps=None, hires_denoise=None, hires_upscaler=None, hires_variant=None,
               request: gr.Request = None, progress=gr.Progress()):
         """SD3.5 Large Turbo: 4 steps, no CFG (no negative prompt). Returns (PNG files, seed, info)."""
         return _generate(ctx, "turbo", dict(
             prompt=prompt, width=width, height=height, steps=steps, seed=seed, batch_count=batch_count,
-            batch_size=batch_size, **_sampling(sampler, schedule, prompt_3, None, styles, prompt_weighting, emphasis)),
+            batch_size=batch_size, **_sampling(sampler, schedule, prompt_3, None, styles, prompt_weighting, emphasis),
+            **_hires(hires_scale, hires_steps, hires_denoise, hires_upscaler, hires_variant)),
             request, progress)
 
     def common(_mode, negative=True):
@@ -143,7 +163,7 @@ def _generation_endpoints(ctx, out):
     studio = ctx.studio
     inputs = {
         "txt2img": [*common("txt2img"), *sizes_steps("txt2img"), gr.Dropdown(SLG_CHOICES, value="auto", label="slg"),
-                    *tail("txt2img"), *_sampling_inputs(studio)],
+                    *tail("txt2img"), *_sampling_inputs(studio), *_hires_inputs(studio, "txt2img")],
         "img2img": [image("init_image"), *common("img2img"), _num("strength", "img2img"), *sizes_steps("img2img"),
                     *tail("img2img"), *_sampling_inputs(studio)],
         "inpaint": [image("image"), image("mask"), *common("inpaint"), _num("strength", "inpaint"),
@@ -152,7 +172,7 @@ def _generation_endpoints(ctx, out):
                     _num("batch_count", "inpaint"), _num("batch_size", "inpaint"), *tail("inpaint"),
                     *_sampling_inputs(studio)],
         "turbo": [*common("turbo", negative=False), *sizes_steps("turbo", guidance=False),
-                  *_sampling_inputs(studio, negative=False)],
+                  *_sampling_inputs(studio, negative=False), *_hires_inputs(studio, "turbo")],
     }
     fns = {"txt2img": txt2img, "img2img": img2img, "inpaint": inpaint, "turbo": turbo}
     gen_out = [gr.File(file_count="multiple", label="images"), gr.Number(label="seed_used", precision=0),
@@ -226,6 +246,63 @@ def _prompt_endpoints(ctx, out):
     out["styles"].click(styles, None, gr.JSON(label="styles"), api_name="styles", **kw)
 
 
+def _upscale_endpoints(ctx, out):
+    """/upscale, /list_upscalers, /load_upscaler."""
+    studio = ctx.studio
+
+    def upscale(image=None, image_id=None, upscaler=None, scale=None, refine_prompt=None, refine_denoise=None,
+                refine_steps=None, request: gr.Request = None, progress=gr.Progress()):
+        """Upscale an upload or one of your gallery images (by id) with an upscaler (Lanczos or a file
+        in the upscalers folder) by scale; an optional refine pass (img2img at refine_denoise with
+        refine_prompt, default: the image's own prompt) follows when either is given. The result is a
+        new gallery image that records its parent's id. Returns (the PNG, {id, parent_image_id, width,
+        height, upscaler, scale}, the info text)."""
+        def tiles(done, total):
+            progress(done / max(total, 1), desc=f"Upscaling: tile {done}/{total}")
+
+        res = call(studio.upscale, image=image or None, image_id=(image_id or "").strip() or None,
+                   upscaler=upscaler or None, scale=scale, refine_prompt=refine_prompt or None,
+                   refine_denoise=refine_denoise, owner=studio.owner_for(request), progress=tiles,
+                   refine_steps=refine_steps)
+        try:
+            res.wait_saved()
+        except user_errors() as e:
+            raise as_gr_error(e) from None
+        item = res.images[0]
+        meta = item.metadata
+        return item.path, {"id": item.id, "parent_image_id": meta.get("parent_image_id"), "width": item.image.width,
+                           "height": item.image.height, "upscaler": meta.get("upscale_upscaler"),
+                           "scale": meta.get("upscale_scale"), "mode": meta.get("mode")}, res.info
+
+    def list_upscalers():
+        """The upscalers: {upscalers: [{name, sha256, hash, size, architecture, scale, error}], builtin,
+        latent} (the latent ones are for hires fix only)."""
+        return call(studio.describe_upscalers)
+
+    def load_upscaler(file=None, name=None):
+        """Add an upscaler: copy an uploaded .safetensors (or weights-only .pth) into the upscalers folder
+        after spandrel identifies it (pickles refused; not on shared deployments). Returns {name, sha256,
+        hash, architecture, scale}."""
+        if not file:
+            raise error("Upload an upscaler file (.safetensors, or a weights-only .pth).")
+        info = call(studio.import_upscaler, file, (name or "").strip() or None)
+        return {"name": info.name, "sha256": info.sha256, "hash": info.short_hash,
+                "architecture": info.architecture, "scale": info.scale}
+
+    gpu_event(out["upscale"].click, upscale,
+              [gr.File(None, type="filepath", file_types=["image"], label="image"), gr.Textbox("", label="image_id"),
+               gr.Dropdown(studio.upscaler_names(), value="Lanczos", allow_custom_value=True, label="upscaler"),
+               _num("upscale_scale", None), gr.Textbox("", label="refine_prompt"),
+               RawNumber(None, label="refine_denoise", info=LIMITS["refine_denoise"].help),
+               RawNumber(None, label="refine_steps", info="the refine pass's steps (none: the variant's)")],
+              [gr.File(label="png"), gr.JSON(label="details"), gr.Textbox(label="info")], api_name="upscale")
+    out["list_upscalers"].click(list_upscalers, None, gr.JSON(label="upscalers"), api_name="list_upscalers",
+                                concurrency_limit=None)
+    gpu_event(out["load_upscaler"].click, load_upscaler,
+              [gr.File(None, type="filepath", file_types=[".safetensors", ".pth", ".pt"], label="file"),
+               gr.Textbox("", label="name")], gr.JSON(label="upscaler"), api_name="load_upscaler")
+
+
 def item_summary(item) -> dict:
     """A gallery row as plain JSON (no paths: files come through /gallery_get)."""
     return {"id": item.id, "created_at": item.created_at, "prompt": item.prompt,
@@ -294,7 +371,7 @@ def _gallery_endpoints(ctx, out):
 
 ENDPOINTS = ("txt2img", "img2img", "turbo", "inpaint", "load_model", "load_lora", "list_loras", "gallery_list",
              "gallery_get", "gallery_star", "gallery_delete", "gallery_mask", "read_png_info", "token_count",
-             "styles")
+             "styles", "upscale", "list_upscalers", "load_upscaler")
 
 
 def register(ctx) -> None:
@@ -305,3 +382,4 @@ def register(ctx) -> None:
         _model_endpoints(ctx, triggers)
         _gallery_endpoints(ctx, triggers)
         _prompt_endpoints(ctx, triggers)
+        _upscale_endpoints(ctx, triggers)
