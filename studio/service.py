@@ -210,10 +210,111 @@ class Studio:
             validate(req, get_variant(name), images=False,
                      native_size=(256, 256) if self.config.demo else (1024, 1024))
 
+    # Set on ZeroGPU (studio/app/spaces.py): ``gpu_runner(prepared, on_progress, cancel)`` runs
+    # :meth:`infer` in a GPU worker process and returns its plain result.
+    gpu_runner = None
+
     def generate(self, req, on_progress=None, cancel=None, owner: str | None = None, on_image=None):
-        """Check ``req``, then generate through the engine (see ``Engine.generate``)."""
+        """Check ``req``, then generate.
+
+        Without a ``gpu_runner`` (locally, the CLI, a dedicated GPU Space): ``Engine.generate`` in
+        this process, each image handed to the gallery's background writer as it finishes. With
+        one (ZeroGPU): :meth:`prepare` here, :meth:`infer` in the GPU worker, :meth:`save` here."""
         self.check_request(req)
-        return self.engine.generate(req, on_progress=on_progress, cancel=cancel, owner=owner, on_image=on_image)
+        if self.gpu_runner is None:
+            return self.engine.generate(req, on_progress=on_progress, cancel=cancel, owner=owner, on_image=on_image)
+        plain = self.gpu_runner(self.prepare(req), on_progress=on_progress, cancel=cancel)
+        return self.save(plain, owner=owner, on_image=on_image)
+
+    def prepare(self, req) -> dict:
+        """The main process's half before a GPU worker runs ``req``: load (or switch to) the model
+        of its variant — under the manager's lock, placed by :meth:`placement_for`, shared
+        components reused — and what else it names (LoRA adapters, ControlNets, a hires model
+        upscaler), so the worker only computes.
+
+        Returns plain values: the request, the :meth:`model_state` the worker must hold, what it
+        must have loaded besides (``needs``), and ``work`` — what the run computes (the GPU-time
+        estimate's input)."""
+        variant = req.variant or (TURBO_VARIANT if req.mode == "turbo" else None)
+        with self.models.use(variant) as loaded:
+            resolved = self.engine.prepare(req, loaded)  # the full check, image inputs and ControlNets included
+            active = self.models.activate_loras(loaded, resolved.loras)  # adapters read from disk here
+            hires = getattr(resolved, "hires", None)
+            upscaler = getattr(hires, "info", None)
+            if upscaler is not None:
+                self.models.upscalers.load(hires.upscaler)  # into the RAM cache a worker inherits
+            nets = [u.net for u in getattr(resolved, "controls", ()) if getattr(u, "net", None) is not None]
+            needs = {"loras": sorted(info.adapter_name for info, _ in active),
+                     "controlnets": sorted(n.name for n in nets),
+                     "upscalers": [upscaler.sha256] if upscaler is not None else []}
+            return {"request": req, "state": self.model_state(), "needs": needs,
+                    "work": _work(resolved, loaded, nets)}
+
+    def model_state(self) -> tuple:
+        """What a process holds of the model: (variant, preset, every component's identity). A
+        worker forked before a switch holds another."""
+        current = self.current
+        if current is None:
+            return ()
+        return (current.variant.name, current.placement.name, tuple(sorted(current.identities.items())))
+
+    def holds(self, needs: dict) -> bool:
+        """Whether this process has loaded what a prepared request ``needs`` besides the model (a
+        worker forked before the main process loaded a LoRA, a ControlNet or an upscaler has not)."""
+        models = self.models
+        for kind, held in (("loras", models.active_loras), ("controlnets", lambda: models.controlnets.cached()),
+                           ("upscalers", lambda: models.upscalers.cached())):
+            wanted = set((needs or {}).get(kind) or ())
+            if wanted and not wanted <= set(held()):
+                return False
+        return True
+
+    def infer(self, prepared: dict, on_progress=None, cancel=None) -> dict:
+        """The GPU worker's half: run a prepared request on the model this process holds and
+        return plain values only — ``{"images": [{"image": PIL, "seed", "metadata"}], "seed",
+        "notes", "cancelled", "timings"}``; a studio error as ``{"error": {"kind", "message",
+        "field"}}`` (ZeroGPU would pass on only its class name); ``{"stale": True}`` when this
+        process holds another :meth:`model_state` than the main process prepared, or lacks what
+        it ``needs`` (nothing ran).
+        Nothing is saved here (no gallery future, no lock, no CUDA tensor in the result)."""
+        import copy
+
+        from studio.errors import StudioError
+
+        if self.model_state() != tuple(prepared["state"]) or not self.holds(prepared.get("needs") or {}):
+            return {"stale": True}
+        engine = copy.copy(self.engine)
+        engine.gallery = None  # the main process saves (save)
+        try:
+            result = engine.generate(prepared["request"], on_progress=on_progress, cancel=cancel)
+        except StudioError as e:
+            return {"error": {"kind": type(e).__name__, "message": str(e), "field": getattr(e, "field", None)}}
+        return {"images": [{"image": i.image, "seed": i.seed, "metadata": i.metadata} for i in result.images],
+                "seed": result.seed, "notes": list(result.notes), "cancelled": bool(result.cancelled),
+                "timings": dict(result.timings)}
+
+    def save(self, plain: dict, owner: str | None = None, on_image=None):
+        """The main process's half after :meth:`infer`: raise its error here, or give each image to
+        the gallery's background writer (``on_image`` hears each) and return the
+        ``GenerationResult``, as ``Engine.generate`` does."""
+        from studio.engine.request import GeneratedImage, GenerationResult
+        from studio.errors import GenerationError
+
+        error = plain.get("error")
+        if error:
+            kinds = {"ValidationError": ValidationError, "ModelError": ModelError, "GalleryError": GalleryError}
+            cls = kinds.get(error.get("kind"), GenerationError)
+            message = str(error.get("message") or "The generation failed in the GPU worker.")
+            raise cls(message, error.get("field")) if cls is ValidationError else cls(message)
+        images = []
+        for item in plain.get("images") or ():
+            image = GeneratedImage(item["image"], item["seed"], item["metadata"])
+            image.saving = self.gallery.save_async(image.image, image.metadata, owner=owner)
+            images.append(image)
+            if on_image:
+                on_image(image)
+        return GenerationResult(images, plain.get("seed", -1), list(plain.get("notes") or ()),
+                                bool(plain.get("cancelled")), dict(plain.get("timings") or {}))
 
     # -- who sees what --
 
@@ -550,3 +651,40 @@ class Studio:
                 manager.activate_loras(manager.current, [])
             loaded = True
         return info, loaded
+
+
+def _work(r, loaded, nets=()) -> dict:
+    """What a resolved request computes, in plain numbers (the GPU-time estimate's input,
+    ``studio.app.spaces.estimate``): ``passes`` lists the denoising passes of one run — the base
+    pass, and the hires fix's second pass when asked for (its own steps at its own size);
+    ``control_params`` the ControlNets' parameters (they run beside the first pass)."""
+    from studio.engine import samplers
+
+    req = r.request
+    cfg = r.guidance > 1.0
+    sampler = getattr(r, "sampler", None) or "Euler"
+
+    def calls(steps: int) -> int:
+        try:  # Heun-like samplers evaluate the model twice a step
+            return int(samplers.model_calls(sampler, steps))
+        except (AttributeError, KeyError):
+            return int(steps)
+
+    plan = getattr(r, "inpaint_plan", None)
+    width, height = plan.size if plan is not None else (r.width, r.height)
+    passes = [{"name": "base", "calls": calls(r.effective_steps), "width": int(width), "height": int(height)}]
+    hires = getattr(r, "hires", None)
+    if hires is not None:
+        passes.append({"name": "hires", "calls": calls(hires.effective_steps), "width": int(hires.width),
+                       "height": int(hires.height)})
+    slg = r.slg if (r.slg and cfg and req.mode == "txt2img") else None
+    return {
+        "variant": loaded.variant.name, "tiny": bool(loaded.is_tiny), "mode": req.mode,
+        "batch_size": int(req.batch_size), "batch_count": int(req.batch_count), "cfg": cfg,
+        "slg_fraction": max(0.0, float(slg["stop"]) - float(slg["start"])) if slg else 0.0,
+        "text_tokens": 77 + int(req.max_sequence_length), "passes": passes,
+        "hires_variant": getattr(hires, "variant", None),
+        "control_params": int(sum(sum(p.numel() for p in n.model.parameters()) for n in nets)),
+        "placement": {"name": loaded.placement.name, "device": loaded.placement.device,
+                      "resident": bool(loaded.placement.resident)},
+    }

@@ -161,10 +161,12 @@ class Jobs:
             preview = None
             now = time.monotonic()
             last = ev.step >= ev.steps
-            if previews and ev.latents is not None and not last and now - last_preview[0] >= PREVIEW_EVERY_S:
+            ready = getattr(ev, "preview", None)  # made in a ZeroGPU worker: its latents stay there
+            if previews and (ready is not None or ev.latents is not None) and not last \
+                    and now - last_preview[0] >= PREVIEW_EVERY_S:
                 last_preview[0] = now
                 try:
-                    preview = latents_to_preview(ev.latents)
+                    preview = ready if ready is not None else latents_to_preview(ev.latents)
                 except Exception:  # noqa: BLE001 — a preview is never worth failing a job
                     preview = None
             q.put(Update("progress", event=ev, preview=preview))
@@ -207,6 +209,8 @@ class Jobs:
                     yield update
                 elif update.kind == "error":
                     e = update.error
+                    if isinstance(e, gr.Error):  # ZeroGPU's own (quota, queue, worker): as it said it
+                        raise e
                     if isinstance(e, user_errors()):
                         raise as_gr_error(e) from None
                     log.error("generation failed", exc_info=e)
