@@ -210,6 +210,36 @@ class Studio:
             validate(req, get_variant(name), images=False,
                      native_size=(256, 256) if self.config.demo else (1024, 1024))
 
+    @staticmethod
+    def check_image(path, field: str = "init_image") -> tuple[int, int]:
+        """Check an uploaded image the moment it arrives (header first, then decode): its
+        (width, height), or the engine's ValidationError naming the upload and the fix."""
+        from studio.engine.images import open_image
+
+        return open_image(path, field).size
+
+    def max_side_for(self, variant: str | None = None) -> int:
+        """The largest width or height the model for ``variant`` accepts (None: the loaded one):
+        the loaded model's when it is that variant, else its transformer config's (the demo's
+        tiny config on disk, or the catalog's), within the engine's MAX_SIDE."""
+        import json
+
+        from studio.catalog import MAX_SIDE
+
+        current = self.current
+        name = variant or (current.variant.name if current is not None else None) or self.config.variant \
+            or DEFAULT_VARIANT
+        if current is not None and current.variant.name == name:
+            return min(current.max_side, MAX_SIDE)
+        cfg = VARIANTS[name].transformer_config if name in VARIANTS else {}
+        if self.config.demo:
+            try:
+                cfg = json.loads((self.config.tiny_dir / name / "transformer" / "config.json").read_text())
+            except (OSError, ValueError):
+                pass
+        pos, patch = cfg.get("pos_embed_max_size"), cfg.get("patch_size") or 2
+        return min(MAX_SIDE, int(pos) * int(patch) * 8) if isinstance(pos, int) else MAX_SIDE
+
     # Set on ZeroGPU (studio/app/spaces.py): ``gpu_runner(prepared, on_progress, cancel)`` runs
     # :meth:`infer` in a GPU worker process and returns its plain result.
     gpu_runner = None
