@@ -17,16 +17,40 @@ import gradio as gr
 from gradio.data_classes import FileData
 
 
-class RawNumber(gr.Number):
+class _Builtin:
+    """The browser draws these with Gradio's own component of the same name: without this, a
+    subclass counts as a custom component, whose files the page fetches one by one (and Gradio
+    prints a line in the server's console for each)."""
+
+    BLOCK_NAME = ""
+    BASE: type | None = None  # the Gradio class whose constructor names the props sent to the page
+
+    def get_block_name(self) -> str:
+        return self.BLOCK_NAME
+
+    def get_block_class(self) -> str:
+        return self.BLOCK_NAME
+
+    def get_config(self, cls=None):
+        # Gradio reads the props from the constructor's signature: ours is (*args, **kwargs), so
+        # without this the page would get none of them (height, sources, brush, label…)
+        return super().get_config(cls or self.BASE)
+
+
+class RawNumber(_Builtin, gr.Number):
     """A number input that hands the engine what the client sent (no rounding, no coercion): the
     engine refuses what is wrong with a message that names the field."""
+
+    BLOCK_NAME, BASE = "number", gr.Number
 
     def preprocess(self, payload):
         return payload
 
 
-class ImagePath(gr.Image):
+class ImagePath(_Builtin, gr.Image):
     """``gr.Image(type="filepath")`` that does not open the file: the path, as uploaded."""
+
+    BLOCK_NAME, BASE = "image", gr.Image
 
     def __init__(self, *args, **kwargs):
         kwargs["type"] = "filepath"
@@ -40,9 +64,11 @@ class ImagePath(gr.Image):
         return payload.path
 
 
-class ImageMaskPaths(gr.ImageMask):
+class ImageMaskPaths(_Builtin, gr.ImageMask):
     """``gr.ImageMask(type="filepath")`` whose background and layers arrive as file paths,
     undecoded (canvas layers sent as bytes are written to Gradio's cache as they are)."""
+
+    BLOCK_NAME, BASE = "imageeditor", gr.ImageMask
 
     def __init__(self, *args, **kwargs):
         kwargs["type"] = "filepath"
