@@ -131,10 +131,13 @@ def launch(demo, kwargs: dict, *, share_requested: bool, block: bool = True):
     for m in kwargs.get("app_kwargs", {}).get("middleware", []):
         if getattr(m, "cls", None) is CancelGuard:
             m.kwargs["holder"].blocks = demo
-    demo.launch(**{**kwargs, "prevent_thread_lock": True})
+    # quiet: Gradio's own start-up lines ("To create a public link, set share=True") are not the
+    # studio's advice (its flag is --share --auth); the studio prints its one line instead
+    demo.launch(**{**kwargs, "prevent_thread_lock": True, "quiet": True})
     share_url = getattr(demo, "share_url", None)
+    local = getattr(demo, "local_url", None) or f"http://{kwargs.get('server_name')}:{kwargs.get('server_port')}/"
+    print(f"SD3.5 Studio is running at {local} (Ctrl+C stops it)", flush=True)
     if share_requested and not share_url:
-        local = getattr(demo, "local_url", None) or f"http://{kwargs.get('server_name')}:{kwargs.get('server_port')}/"
         why = ("share links are not available on a Hugging Face Space" if getattr(demo, "space_id", None)
                else "the Gradio tunnel could not be reached; see the reason above")
         print(f"Could not open a share link ({why}): the studio is running locally only at {local}",
