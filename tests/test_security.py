@@ -262,7 +262,7 @@ def test_decompression_bomb_is_refused_before_decoding(shared_app, tmp_path):
     _, _, client = shared_app
     # 900 MP: Pillow's own guard refuses it at open (header only), with the engine's wording
     bomb = _bomb_png(tmp_path / "bomb.png")
-    with pytest.raises(AppError, match=r"too large to decode safely: Image size \(900000000 pixels\)"):
+    with pytest.raises(AppError, match=r"The init image \(bomb.png\) is too large to decode safely: Image size \(900000000 pixels\)"):
         client.predict(init_image=gradio_client.handle_file(str(bomb)), prompt="x", steps=4,
                        api_name="/img2img")
     # 50 MP: under Pillow's limit, over the studio's; refused from the header, before decoding

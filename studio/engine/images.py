@@ -88,8 +88,8 @@ def open_image(src, field: str = "init_image"):
                               field)
     try:
         image = Image.open(fp)  # reads the header only
-    except Image.DecompressionBombError:
-        raise ValidationError(f"{_label(field)} ({name}) is too large to decode safely.", field) from None
+    except Image.DecompressionBombError as e:  # Pillow's own guard, from the header (its text holds no path)
+        raise ValidationError(f"{_label(field)} ({name}) is too large to decode safely: {e}", field) from None
     except (OSError, ValueError, SyntaxError):
         raise ValidationError(
             f"{_label(field)} ({name}) is not an image the studio can read: use a PNG, JPEG or WebP file.",
