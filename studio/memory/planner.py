@@ -284,7 +284,10 @@ def estimate(
         # layers excepted: they are quantized onto the GPU as they load); a CPU T5 stays.
         loading = sum(weights[c] for c in numbers if c not in bnb) + fp8_transient
         kept = sum(weights[c] for c in cpu_kept) + cpu_act
-        ram_parts.update(loading=loading) if loading >= kept else ram_parts.update(weights=kept)
+        if loading >= kept:
+            ram_parts["loading"] = loading
+        else:
+            ram_parts["weights"] = kept
         ram = base + max(loading, kept)
     elif p.placement == "model":
         phases = phase_peaks(lambda c: weights[c] + act[c] + overhead)
