@@ -10,8 +10,12 @@ from pathlib import Path
 
 import gradio as gr
 
+from dataclasses import dataclass
+
 from . import api, tab_gallery, tab_img2img, tab_inpaint, tab_models, tab_turbo, tab_txt2img
-from studio.metadata import request_fields
+from studio.catalog import VARIANTS
+from studio.engine.limits import IMAGE_MODES
+from studio.metadata import clean, request_fields
 
 from .context import UIContext, status_html
 from .jobs import call, gpu_event
@@ -69,8 +73,68 @@ def build_app(studio) -> gr.Blocks:
         _wire_cross_tab(ctx, header, tabs, gen_tabs, gal, models, {"gallery": t_gal, "models": t_models,
                                                                   "txt2img": t_txt, "img2img": t_img,
                                                                   "turbo": t_turbo, "inpaint": t_inpaint})
-        demo.load(lambda: status_html(studio), None, header, queue=False, api_visibility="private")
+        size_updates, size_targets = ctx.extra["size_refresh"]
+        demo.load(lambda: {header: status_html(studio), **size_updates()}, None, [header, *size_targets],
+                  queue=False, api_visibility="private")
     return demo
+
+
+TAB_NAMES = {"txt2img": "Text to image", "img2img": "Image to image", "inpaint": "Inpaint", "turbo": "Turbo"}
+
+
+@dataclass
+class ReuseNote:
+    """What "reuse parameters" did: the tab to open, what to say, the variant switched to."""
+
+    tab: str
+    text: str
+    switched: str | None = None
+
+
+def reuse_updates(ctx, gen_tabs: dict, raw, inputs: dict | None = None) -> tuple[dict, ReuseNote]:
+    """The updates "reuse parameters" makes, set so that Generate gives the same pixels again.
+
+    ``raw`` is an image's metadata (the gallery's, or a dropped PNG's: data, cleaned by the
+    schema); ``inputs`` its stored init image and mask (by gallery id, owner-checked). It fills
+    the tab the image came from; switches the main tabs to the variant it was made with, and
+    says so; and asks for the run it came from — batch count 1, its batch size and the run's
+    first seed — since an image of a batch is not bit for bit the same image made alone."""
+    fields = request_fields(raw or {})
+    if not fields:
+        raise gr.Error("Select an image (or drop a PNG with metadata) first.", print_exception=False)
+    meta = clean(raw)
+    inputs = inputs or {}
+    mode = fields.get("mode") if fields.get("mode") in gen_tabs else "txt2img"
+    target = gen_tabs[mode]
+    said = []
+    size = fields.get("batch_size") if isinstance(fields.get("batch_size"), int) else 1
+    size = max(1, size) if "image_index" in meta else 1  # a foreign PNG's seed is its own
+    index = meta.get("image_index") or 0
+    fields.update(batch_size=size, batch_count=1)
+    if isinstance(fields.get("seed"), int) and 0 < index < size:
+        fields["seed"] -= index
+        said.append(f"it is image {index + 1} of {size} made from seed {fields['seed']}, so that run is set up again")
+    out: dict = {}
+    switched = None
+    variant = fields.get("variant")
+    if mode != "turbo" and variant in VARIANTS and variant != ctx.effective_variant():
+        was = VARIANTS.get(ctx.effective_variant())
+        ctx.main_variant = switched = variant
+        for t in gen_tabs.values():
+            if t.mode != "turbo":
+                out.update(t.variant_updates(variant))
+                if t.size is not None:
+                    out[t.size.aspect] = t.size.refresh()
+        said.append(f"it was made with {VARIANTS[variant].label}: the tabs now use it instead of "
+                    f"{was.label if was else 'the loaded model'} (it loads on Generate)")
+    for comp, value in target.apply_fields(fields, inputs).items():
+        prev = out.get(comp)
+        out[comp] = {**prev, "value": value} if isinstance(prev, dict) and not isinstance(value, dict) else value
+    if mode in IMAGE_MODES and not inputs.get("init_image"):
+        said.append("the init image is not stored with it: add one")
+    text = f"Parameters loaded into {TAB_NAMES.get(target.tab_id, target.tab_id)}"
+    text += (": " + "; ".join(said) + ".") if said else "."
+    return out, ReuseNote(target.tab_id, text, switched)
 
 
 def _wire_cross_tab(ctx, header, tabs, gen_tabs, gal, models, tab_blocks) -> None:
@@ -78,45 +142,48 @@ def _wire_cross_tab(ctx, header, tabs, gen_tabs, gal, models, tab_blocks) -> Non
     img = gen_tabs["img2img"]
     private = dict(api_visibility="private")
 
-    # Send to img2img: from any result panel and from the gallery detail.
-    def send_from_results(paths, selected):
+    # Send to img2img: from any result panel and from the gallery detail, with the prompt and
+    # negative prompt the image was made with (as A1111 does).
+    send_targets = [img.init_image, img.prompt_row.prompt, img.prompt_row.negative, tabs]
+
+    def send_from_results(paths, texts, selected):
         if not paths:
             raise gr.Error("Generate an image first.", print_exception=False)
         index = selected if isinstance(selected, int) and 0 <= selected < len(paths) else 0
-        gr.Info("Sent to img2img.")
-        return paths[index], gr.Tabs(selected="img2img")
+        prompt, negative = texts[index] if isinstance(texts, list) and index < len(texts) else (gr.update(),) * 2
+        gr.Info("Sent to img2img with its prompt.")
+        return paths[index], prompt, negative, gr.Tabs(selected="img2img")
 
     for t in gen_tabs.values():
-        t.result.send_to_img2img.click(send_from_results, [t.result.paths, t.result.selected],
-                                       [img.init_image, tabs], queue=False, **private)
+        t.result.send_to_img2img.click(send_from_results, [t.result.paths, t.result.texts, t.result.selected],
+                                       send_targets, concurrency_limit=None, **private)
 
-    def send_from_gallery(image_id, request: gr.Request):
+    def send_from_gallery(image_id, fields, request: gr.Request):
         path = call(studio.get_image, image_id, studio.owner_for(request)).path
-        return str(path), gr.Tabs(selected="img2img")
+        fields = request_fields(fields or {})
+        gr.Info("Sent to img2img with its prompt.")
+        return (str(path), fields.get("prompt", ""), fields.get("negative_prompt", ""),
+                gr.Tabs(selected="img2img"))
 
-    gal.send_btn.click(send_from_gallery, gal.selected_id, [img.init_image, tabs], concurrency_limit=None,
-                       **private)
+    gal.send_btn.click(send_from_gallery, [gal.selected_id, gal.selected_fields], send_targets,
+                       concurrency_limit=None, **private)
 
     # Reuse parameters: the same field registry for gallery metadata and dropped PNGs.
-    targets = []
+    targets = [models.variant]
     for t in gen_tabs.values():
-        targets += [c for c in t.reuse_targets() if c not in targets]
+        targets += [c for c in [*t.reuse_targets(), *t.variant_targets()] if c not in targets]
+        if t.size is not None and t.size.aspect not in targets:
+            targets.append(t.size.aspect)
 
     def reuse(fields, inputs=None):
         """Fill the tab an image came from. ``fields`` are cleaned by the schema (a dropped PNG's
         metadata is data); ``inputs`` are the stored init image / mask, found by the gallery id
         after the owner check — never by anything a PNG says."""
-        fields = request_fields(fields or {})
-        if not fields:
-            raise gr.Error("Select an image (or drop a PNG with metadata) first.", print_exception=False)
-        mode = fields.get("mode") if fields.get("mode") in gen_tabs else "txt2img"
-        target = gen_tabs[mode]
-        out = target.apply_fields(fields, inputs or {})
-        out[tabs] = gr.Tabs(selected=target.tab_id)
-        more = "."
-        if mode in ("img2img", "inpaint") and not (inputs or {}).get("init_image"):
-            more = " (the init image is not stored with it: add one)."
-        gr.Info(f"Parameters loaded into {target.tab_id}{more}")
+        out, message = reuse_updates(ctx, gen_tabs, fields, inputs)
+        out[tabs] = gr.Tabs(selected=message.tab)
+        if message.switched:
+            out[models.variant] = message.switched
+        gr.Info(message.text)
         return out
 
     def reuse_selected(fields, image_id, request: gr.Request):
@@ -132,18 +199,25 @@ def _wire_cross_tab(ctx, header, tabs, gen_tabs, gal, models, tab_blocks) -> Non
     main_tabs = [gen_tabs["txt2img"], gen_tabs["img2img"], gen_tabs["inpaint"]]
     variant_targets = [c for t in main_tabs for c in t.variant_targets()]
 
+    sizes = [t.size for t in gen_tabs.values() if t.size is not None]
+
+    def size_updates() -> dict:
+        """Each tab's size presets, fitted to the model it generates with now."""
+        return {g.aspect: g.refresh() for g in sizes}
+
     def load(variant, source, preset, progress=gr.Progress()):
         status = models.load(variant, source, preset, progress)
         ctx.main_variant = variant or ctx.main_variant
-        out = {models.status: status, header: status_html(studio)}
+        out = {models.status: status, header: status_html(studio), **size_updates()}
         for t in main_tabs:
             out.update(t.variant_updates(variant))
         gr.Success(status.split(" · ")[0])
         return out
 
     gpu_event(models.load_btn.click, load, [models.variant, models.source, models.preset],
-              [models.status, header, *variant_targets], show_progress="full",
+              [models.status, header, *variant_targets, *(g.aspect for g in sizes)], show_progress="full",
               show_progress_on=[models.status], **private)
+    ctx.extra["size_refresh"] = (size_updates, [g.aspect for g in sizes])
 
     def unload():
         return models.unload(), status_html(studio)

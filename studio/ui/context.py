@@ -49,16 +49,46 @@ class UIContext:
             return DEFAULT_VARIANT if self.studio.config.demo else None
         return None
 
+    def effective_variant(self) -> str:
+        """The catalog variant txt2img / img2img / inpaint generate with now."""
+        name = self.variant_for_request()
+        if name:
+            return name
+        current = self.current()
+        if current is not None:
+            return current.variant.name
+        return self.studio.config.variant or DEFAULT_VARIANT
+
+    def size_limit(self, mode: str) -> tuple[int, str]:
+        """(the largest side, the model's name) for the model a tab of ``mode`` generates with."""
+        name = TURBO_VARIANT if mode == "turbo" else self.variant_for_request()
+        current = self.current()
+        if current is not None and (name is None or current.variant.name == name):
+            label = current.label
+        else:
+            variant = VARIANTS.get(name or self.studio.config.variant or DEFAULT_VARIANT)
+            label = (variant.label if variant else "the model") + (" (tiny demo)" if self.studio.config.demo else "")
+        return self.studio.max_side_for(name), label
+
+    def lora_where(self) -> str:
+        """Where LoRA files go, as the LoRA panel says it (no server path on shared deployments)."""
+        if getattr(self.studio, "shared", False):
+            return "<data-dir>/loras"
+        return str(self.studio.config.loras_dir)
+
     def remember(self, result_variant: str | None) -> None:
         if self.main_variant is None and result_variant and result_variant != TURBO_VARIANT:
             self.main_variant = result_variant
 
 
-def status_html(studio) -> str:
-    """The header's model line. Everything interpolated is escaped."""
+def status_html(studio, loading: str | None = None) -> str:
+    """The header's model line (``loading``: the label of a model being loaded now). Everything
+    interpolated is escaped."""
     current = studio.current
     e = html.escape
-    if current is None:
+    if loading:
+        dot, text = "busy", f"Loading {e(loading)}…"
+    elif current is None:
         ok, message = studio.availability(studio.config.variant)
         if ok:
             variant = VARIANTS.get(studio.config.variant or DEFAULT_VARIANT)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import gradio as gr
 
-from studio.catalog import ASPECT_PRESETS
-from studio.engine.limits import LIMITS
+from studio.catalog import ASPECT_PRESETS, MAX_SIDE
+from studio.engine.limits import LIMITS, snap
 
 NATIVE = "Native (model size)"
 MATCH_INIT = "Match init image"
@@ -20,12 +20,42 @@ CUSTOM = "Custom"
 
 
 def slider(name: str, mode: str = "txt2img", value=None, **kwargs) -> gr.Slider:
-    """A slider for one input of the limits table (its range, step, label and default)."""
+    """A slider for one input of the limits table (its range, step, label and default).
+
+    A value typed past the range is clamped by the slider when the box loses focus; the slider
+    sends a ``release`` event with the typed value first, so the clamp is said, not silent."""
     lim = LIMITS[name]
     if value is None:
         value = lim.default_for(mode)
     kwargs.setdefault("label", lim.label)
-    return gr.Slider(lim.lo, lim.hi, value=value, step=lim.step, **kwargs)
+    s = gr.Slider(lim.lo, lim.hi, value=value, step=lim.step, **kwargs)
+    label = kwargs["label"]
+
+    def said(raw):
+        note = clamp_note(label, lim.lo, lim.hi, raw)
+        if note:
+            gr.Warning(note, duration=6)
+
+    # preprocess=False: the raw typed value, before Gradio's own clamp
+    # queued (toasts need the queue), never limited: it does not wait for a generation
+    s.release(said, s, None, preprocess=False, concurrency_limit=None, show_progress="hidden",
+              api_visibility="private")
+    return s
+
+
+def clamp_note(label: str, lo: float, hi: float, raw) -> str | None:
+    """What the slider did to a typed value it clamps (None when the value is within range)."""
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return None
+    if value != value:  # NaN
+        return None
+    if value < lo:
+        return f"{label} {value:g} is below {lo:g}: it was set to {lo:g}."
+    if value > hi:
+        return f"{label} {value:g} is above {hi:g}: it was set to {hi:g}."
+    return None
 
 
 class PromptRow:
@@ -64,49 +94,79 @@ class SeedRow:
                          self.seed, queue=False, api_visibility="private")
 
 
+def preset_sizes(max_side: int) -> dict[str, tuple[int, int]]:
+    """The aspect presets (ratio → width, height) for a model whose largest side is ``max_side``:
+    the catalog's sizes, or scaled down to fit (aspect kept, snapped to 16) where they are larger."""
+    out = {}
+    for name, (w, h) in ASPECT_PRESETS.items():
+        scale = min(1.0, max_side / max(w, h))
+        out[name.split(" ", 1)[0]] = (min(max_side, snap(w * scale)), min(max_side, snap(h * scale)))
+    return out
+
+
 class SizeGroup:
     """Aspect presets plus custom width/height.
 
     The first choice means "let the engine decide" (the model's native size for txt2img — the
     tiny demo's is 256² — or the init image's size for img2img): width and height go as None.
-    Width/height show for Custom only; the engine snaps them to multiples of 16 and says so.
+    The presets' values are their ratios ("16:9"); their sizes come from ``limit()`` — (the
+    largest side the tab's model accepts, its name) — so a model with a smaller range gets the
+    presets scaled to fit, and the dropdown says so. Width/height show for Custom only; the
+    engine snaps them to multiples of 16 and says so.
     """
 
-    def __init__(self, prefix: str, native_label: str = NATIVE, native_size=None):
+    def __init__(self, prefix: str, native_label: str = NATIVE, native_size=None, limit=None):
         self.native_label = native_label
-        choices = [native_label, *ASPECT_PRESETS, CUSTOM]
         self.native_size = native_size
-        self.aspect = gr.Dropdown(choices, value=native_label, label="Size", elem_id=f"{prefix}-aspect")
+        self.limit = limit or (lambda: (MAX_SIDE, "the model"))
+        self.aspect = gr.Dropdown(**self.choices(), value=native_label, label="Size", elem_id=f"{prefix}-aspect")
         with gr.Row(visible=False) as self.custom_row:
             self.width = gr.Number(value=1024, label="Width", precision=0, step=16, elem_id=f"{prefix}-width")
             self.height = gr.Number(value=1024, label="Height", precision=0, step=16, elem_id=f"{prefix}-height")
         self.aspect.change(self._preset, [self.aspect, self.width, self.height],
                            [self.width, self.height, self.custom_row], queue=False, api_visibility="private")
 
+    def presets(self) -> dict[str, tuple[int, int]]:
+        return preset_sizes(self.limit()[0])
+
+    def choices(self) -> dict:
+        """The dropdown's choices and note for the model the tab generates with now."""
+        max_side, name = self.limit()
+        presets = preset_sizes(max_side)
+        scaled = any(presets[n.split(" ", 1)[0]] != wh for n, wh in ASPECT_PRESETS.items())
+        info = (f"Presets scaled to fit {max_side} px, the largest side {name} accepts." if scaled else None)
+        return dict(choices=[self.native_label, *((f"{r} ({w}×{h})", r) for r, (w, h) in presets.items()), CUSTOM],
+                    info=info)
+
+    def refresh(self):
+        """An update of the dropdown after the model changed (the value, a ratio, stays)."""
+        return gr.update(**self.choices())
+
     def _preset(self, aspect, width, height):
-        """Presets fill W/H (so Custom starts from the last choice); W/H show only for Custom."""
+        """Presets fill W/H (so Custom starts from the last choice); W/H show only for Custom,
+        and choosing Custom keeps what they hold (a reused size is not overwritten)."""
         custom = gr.update(visible=aspect == CUSTOM)
-        if aspect in ASPECT_PRESETS:
-            return *ASPECT_PRESETS[aspect], custom
+        presets = self.presets()
+        if aspect in presets:
+            return *presets[aspect], custom
         if aspect == self.native_label and self.native_size is not None:
             size = self.native_size()
             if size:
                 return size[0], size[1], custom
-        return width, height, custom
+        return gr.update(), gr.update(), custom
 
     def size(self, aspect, width, height) -> tuple[int | None, int | None]:
         """What the request gets: None/None for the automatic choice, else the numbers as typed."""
         if aspect == self.native_label:
             return None, None
-        if aspect in ASPECT_PRESETS:
-            return ASPECT_PRESETS[aspect]
-        return width, height
+        key = aspect.split(" ", 1)[0] if isinstance(aspect, str) and aspect != CUSTOM else None
+        return self.presets().get(key, (width, height))
 
     def updates_for(self, width, height) -> list:
         """Updates (aspect, width, height, custom_row) showing a reused size."""
-        for name, wh in ASPECT_PRESETS.items():
+        for ratio, wh in self.presets().items():
             if wh == (width, height):
-                return [gr.update(value=name), width, height, gr.update(visible=False)]
+                return [gr.update(value=ratio), width, height, gr.update(visible=False)]
         return [gr.update(value=CUSTOM), width, height, gr.update(visible=True)]
 
 
@@ -150,7 +210,8 @@ class LoraGroup:
     """Up to four LoRAs from the loras folder, each with a weight (0 = off), plus refresh, upload
     and unload. The choices are filled when the accordion opens (see GenTab.wire)."""
 
-    def __init__(self, prefix: str):
+    def __init__(self, prefix: str, where: str = "<data-dir>/loras"):
+        self.where = where
         self.slots: list[tuple[gr.Dropdown, gr.Slider]] = []
         with gr.Accordion("LoRA", open=False, elem_id=f"{prefix}-lora") as self.accordion:
             for i in range(LORA_SLOTS):
@@ -168,6 +229,13 @@ class LoraGroup:
 
     def components(self) -> list:
         return [c for pair in self.slots for c in pair]
+
+    def hint(self, choices) -> str:
+        """The status line for a list of LoRA names: where LoRAs go, when there are none."""
+        if choices:
+            return ""
+        return (f"No LoRAs yet: put SD3 LoRA files (`.safetensors`) in `{self.where}` and press "
+                "*Refresh list*, or use the *Add LoRA file…* button.")
 
     def selection(self, values: dict) -> list[tuple[str, float]]:
         """[(name, weight)] of the filled slots, as chosen (the engine checks them)."""
@@ -194,18 +262,24 @@ class LoraGroup:
 
 
 class ResultPanel:
-    """Live preview + progress, the saved PNGs, the info text and "send to img2img"."""
+    """Live preview + progress, the saved PNGs, the info text and "send to img2img".
+
+    Results are shown whole (contain, never cropped): one image fills the box, a batch is a
+    grid (:func:`result_columns`); ``texts`` holds each result's (prompt, negative prompt) for
+    "send to img2img"."""
 
     def __init__(self, prefix: str):
         self.paths = gr.State([])
+        self.texts = gr.State([])
         self.selected = gr.State(0)
         self.progress = gr.HTML("", elem_id=f"{prefix}-progress", elem_classes=["job-progress"])
         self.preview = gr.Image(label="Preview", show_label=False, type="pil", interactive=False, visible=False,
-                                height=360, elem_id=f"{prefix}-preview", buttons=[])
+                                height=RESULT_HEIGHT, elem_id=f"{prefix}-preview", buttons=[],
+                                elem_classes=["result-preview"])
         self.gallery = gr.Gallery(
-            label="Results", show_label=False, format="png", columns=2, height=460, object_fit="contain",
-            preview=False, interactive=False, elem_id=f"{prefix}-results",
-            buttons=["download", "fullscreen"],
+            label="Results", show_label=False, format="png", columns=1, height=RESULT_HEIGHT,
+            object_fit="contain", preview=False, interactive=False, elem_id=f"{prefix}-results",
+            elem_classes=["result-gallery"], buttons=["download", "fullscreen"],
         )
         self.info = gr.Textbox(label="Info", lines=2, max_lines=8, interactive=False,
                                elem_id=f"{prefix}-info", buttons=["copy"])
@@ -213,6 +287,18 @@ class ResultPanel:
             label = "Use as init image" if prefix == "img2img" else "Send to img2img"
             self.send_to_img2img = gr.Button(label, size="sm", elem_id=f"{prefix}-send-img2img")
         self.gallery.select(_selected_index, None, self.selected, queue=False, api_visibility="private")
+
+    def show(self, paths: list) -> dict:
+        """The gallery update showing ``paths`` as a grid that fits the box."""
+        return gr.update(value=list(paths), columns=result_columns(len(paths)))
+
+
+RESULT_HEIGHT = 520
+
+
+def result_columns(n: int) -> int:
+    """Columns of the result grid for ``n`` images: 1, 2×2, 3×3, then 4 wide (scrolling)."""
+    return 1 if n <= 1 else 2 if n <= 4 else 3 if n <= 9 else 4
 
 
 def _selected_index(evt: gr.SelectData):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from studio.catalog import VARIANTS
+from studio.catalog import DEFAULT_VARIANT, TURBO_VARIANT, VARIANTS
 from studio.engine.request import build_request
 from studio.metadata.loras import selection_from_fields
 
@@ -32,6 +32,7 @@ class GenTab:
         self.sampling = None
         self.batch = None
         self.advanced = None
+        self.loras = None  # a LoraGroup of its own (Turbo); the others have one under Advanced
 
     # -- filled in by subclasses --
 
@@ -74,6 +75,7 @@ class GenTab:
                 d["guidance"] = self.sampling.guidance
         if self.batch is not None:
             d["batch_size"] = self.batch.batch_size
+            d["batch_count"] = self.batch.batch_count
         if self.advanced is not None:
             d["shift"] = self.advanced.shift
             d["max_sequence_length"] = self.advanced.max_sequence_length
@@ -83,22 +85,45 @@ class GenTab:
 
     def outputs(self) -> list:
         r = self.result
-        return [r.progress, r.preview, r.gallery, r.info, r.paths, self.seed_row.last_seed,
-                self.ctx.extra["header"]]
+        out = [r.progress, r.preview, r.gallery, r.info, r.paths, r.texts, self.seed_row.last_seed,
+               self.ctx.extra["header"]]
+        return out + ([self.size.aspect] if self.size is not None else [])
 
     def lora_group(self):
-        return getattr(self.advanced, "loras", None)
+        return self.loras if self.loras is not None else getattr(self.advanced, "loras", None)
+
+    def image_checks(self) -> list:
+        """[(component, field)] of the tab's image inputs, checked the moment a file arrives."""
+        return []
 
     def wire(self) -> None:
         r = self.result
-        inputs = set(self.inputs())
+        inputs = set(self.inputs()) | {r.paths}
         if self.lora_group() is not None:
             inputs |= set(self.lora_group().components())
             self._wire_loras(self.lora_group())
         for trigger in (self.prompt_row.generate.click, self.prompt_row.prompt.submit):
             gpu_event(trigger, self.stream, inputs, self.outputs(), api_visibility="private",
                       show_progress="full", show_progress_on=[r.preview])
-        self.prompt_row.cancel.click(self._cancel, None, None, queue=False, api_visibility="private")
+        # queued (its toast needs the queue) but never limited: it must not wait for the GPU lock
+        self.prompt_row.cancel.click(self._cancel, None, None, concurrency_limit=None, show_progress="hidden",
+                                     api_visibility="private")
+        for component, field in self.image_checks():
+            component.upload(self._check_upload(field), component, None, concurrency_limit=None,
+                             show_progress="hidden", api_visibility="private")
+
+    def _check_upload(self, field: str):
+        """An upload handler: the engine's header check now, so a file that is not an image (a
+        text file renamed .png) is refused on arrival with the message Generate would give."""
+        studio = self.ctx.studio
+
+        def check(value):
+            if isinstance(value, dict):  # the editor: its background is the uploaded file
+                value = value.get("background")
+            if value:
+                call(studio.check_image, value, field)
+
+        return check
 
     def _wire_loras(self, g) -> None:
         """The LoRA picker: choices from the loras folder (on opening and Refresh), upload into the
@@ -107,12 +132,14 @@ class GenTab:
         names = [n for n, _ in g.slots]
         private = dict(api_visibility="private")
 
+        g.where = self.ctx.lora_where()
+
         def refresh():
             choices = call(studio.lora_names)
-            return [gr.update(choices=choices) for _ in names]
+            return [gr.update(choices=choices) for _ in names] + [g.hint(choices)]
 
-        g.accordion.expand(refresh, None, names, queue=False, **private)
-        g.refresh.click(refresh, None, names, queue=False, **private)
+        g.accordion.expand(refresh, None, [*names, g.status], concurrency_limit=None, **private)
+        g.refresh.click(refresh, None, [*names, g.status], concurrency_limit=None, **private)
 
         def upload(file, *current):
             path = getattr(file, "name", file)
@@ -145,16 +172,34 @@ class GenTab:
         else:
             gr.Info("Nothing is running.")
 
+    def loading_label(self, req) -> str | None:
+        """The model this request will load first (None when the loaded one serves it)."""
+        studio = self.ctx.studio
+        name = (req.variant or TURBO_VARIANT) if req.mode == "turbo" else req.variant
+        current = studio.current
+        if current is not None and (name is None or current.variant.name == name):
+            return None
+        variant = VARIANTS.get(name or studio.config.variant or DEFAULT_VARIANT)
+        return (variant.label if variant else "the model") + (" (tiny demo)" if studio.config.demo else "")
+
     def stream(self, values: dict, request: gr.Request, progress=gr.Progress()):
-        """The Generate button: progress bar, live previews, images as they finish."""
+        """The Generate button: progress bar, live previews, images as they finish. A refusal or
+        a failure is said twice: a toast, and the Info box (earlier results stay on screen)."""
         from .context import status_html
 
         r = self.result
-        req = call(self.request, values)  # a bad upload is refused here, with the engine's message
+        header = self.ctx.extra["header"]
+        earlier = bool(values.get(r.paths))
+        try:
+            req = call(self.request, values)  # a bad upload is refused here, with the engine's message
+        except gr.Error as e:
+            yield {r.info: failed_text(e, earlier)}
+            raise
+        loading = self.loading_label(req)
         paths: list[str] = []
         yield {r.progress: progress_html(0, req.steps or 0, 0, max(1, int(req.batch_count or 1)), None, 0),
-               r.preview: gr.update(visible=True, value=None), r.info: ""}
-        header = self.ctx.extra["header"]
+               r.preview: gr.update(visible=True, value=None), r.info: "",
+               header: status_html(self.ctx.studio, loading=loading)}
         try:
             for u in self.ctx.jobs.stream(req, request, progress):
                 if u.kind == "progress":
@@ -162,11 +207,14 @@ class GenTab:
                     out = {r.progress: progress_html(ev.step, ev.steps, ev.run, ev.runs, ev.eta_s, ev.fraction)}
                     if u.preview is not None:
                         out[r.preview] = u.preview
+                    if loading:  # the model is loaded once the first step is done
+                        loading = None
+                        out[header] = status_html(self.ctx.studio)
                     yield out
                 elif u.kind == "image":
                     if u.image.path:
                         paths.append(u.image.path)
-                        yield {r.gallery: list(paths), header: status_html(self.ctx.studio)}
+                        yield {r.gallery: r.show(paths), header: status_html(self.ctx.studio)}
                 elif u.kind == "done":
                     res = u.result
                     notify(res.notes)
@@ -174,22 +222,27 @@ class GenTab:
                         gr.Info(f"Cancelled: kept {len(res.images)} finished image(s).")
                     if res.images:
                         self.ctx.remember(res.images[0].metadata.get("variant"))
-                    paths = [i.path for i in res.images if i.path]
-                    yield {
+                    done = [i for i in res.images if i.path]
+                    paths = [i.path for i in done]
+                    out = {
                         r.progress: "",
                         r.preview: gr.update(visible=False, value=None),
-                        r.gallery: paths if paths else gr.update(),
+                        r.gallery: r.show(paths) if paths else gr.update(),
                         r.info: res.info,
-                        r.paths: paths,
+                        r.paths: paths if paths else values.get(r.paths) or [],
+                        r.texts: [(i.metadata.get("prompt", ""), i.metadata.get("negative_prompt", ""))
+                                  for i in done] if paths else gr.update(),
                         self.seed_row.last_seed: res.seed if res.images else gr.update(),
                         header: status_html(self.ctx.studio),
                     }
-        except (gr.Error, *user_errors()) as e:  # the studio's errors here: a failed gallery save
+                    if self.size is not None:  # the model may have changed: presets that fit it
+                        out[self.size.aspect] = self.size.refresh()
+                    yield out
+        except (gr.Error, *user_errors()) as e:  # the engine's refusals, a failed load or save
+            ge = e if isinstance(e, gr.Error) else as_gr_error(e)
             yield {r.progress: "", r.preview: gr.update(visible=False, value=None),
-                   header: status_html(self.ctx.studio)}
-            if not isinstance(e, gr.Error):
-                raise as_gr_error(e) from None
-            raise
+                   r.info: failed_text(ge, earlier, len(paths)), header: status_html(self.ctx.studio)}
+            raise ge from None
 
     # -- reuse parameters / model changes --
 
@@ -217,8 +270,8 @@ class GenTab:
                             self.size.custom_row: row})
             except (TypeError, ValueError):
                 pass
-        if self.advanced is not None and self.advanced.slg.visible is not False and "slg" in fields:
-            out[self.advanced.slg] = isinstance(fields.get("slg"), dict)
+        if self.advanced is not None and self.mode == "txt2img" and "slg" in fields:
+            out[self.advanced.slg] = isinstance(fields.get("slg"), dict)  # null: it was off
         if self.lora_group() is not None:  # JSON "loras", or <lora:name:weight> tags out of the prompt
             prompt, selection = selection_from_fields(fields)
             if fields.get("prompt") is not None:
@@ -253,6 +306,18 @@ class GenTab:
         if self.advanced is not None and self.mode == "txt2img":
             t.append(self.advanced.slg)
         return t
+
+
+def failed_text(e: gr.Error, earlier: bool = False, finished: int = 0) -> str:
+    """The Info box after a refusal or a failure: what went wrong, and that nothing was lost."""
+    import html
+
+    text = f"Not generated: {html.unescape(str(getattr(e, 'message', e)))}"
+    if finished:
+        text += f"\n{finished} image(s) finished before it stopped: they are shown and in the gallery."
+    elif earlier:
+        text += "\nThe images shown are from the previous run (they are in the gallery)."
+    return text
 
 
 def _upload_stem(path) -> str:

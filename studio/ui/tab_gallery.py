@@ -107,12 +107,15 @@ class GalleryTab:
         if not p.total:
             label = "No images yet — generate some, or clear the filters." if not (query or variant or mode or starred_only) \
                 else "No images match these filters."
-        return {self.grid: value, self.ids: [i.id for i in p.items], self.page: p.page,
-                self.page_label: label, self.prev: gr.update(interactive=p.page > 0),
-                self.next: gr.update(interactive=p.page + 1 < p.pages)}
+        out = {self.grid: value, self.ids: [i.id for i in p.items], self.page: p.page,
+               self.page_label: label, self.prev: gr.update(interactive=p.page > 0),
+               self.next: gr.update(interactive=p.page + 1 < p.pages)}
+        if not p.items:  # nothing listed: the Selected panel must not keep showing an image
+            out.update(self._empty_detail())
+        return out
 
     def _list_outputs(self):
-        return [self.grid, self.ids, self.page, self.page_label, self.prev, self.next]
+        return [self.grid, self.ids, self.page, self.page_label, self.prev, self.next, *self._detail_outputs()]
 
     def _filters(self):
         return [self.query, self.variant, self.mode, self.starred]

@@ -29,7 +29,7 @@ class Img2ImgTab(GenTab):
                     "strength", "img2img", elem_id=f"{p}-strength",
                     info="How much to repaint: 0.3–0.5 keeps the composition, 0.7–0.9 changes most of it.",
                 )
-                self.size = SizeGroup(p, native_label=MATCH_INIT)
+                self.size = SizeGroup(p, native_label=MATCH_INIT, limit=lambda: ctx.size_limit(self.mode))
                 self.sampling = SamplingGroup(p, variant.steps, variant.guidance)
                 self.seed_row = SeedRow(p)
                 self.batch = BatchGroup(p)
@@ -56,6 +56,9 @@ class Img2ImgTab(GenTab):
         if (inputs or {}).get("init_image"):
             out[self.init_image] = inputs["init_image"]  # the stored init image, by the gallery id
         return out
+
+    def image_checks(self) -> list:
+        return [(self.init_image, "init_image")]
 
     def reuse_targets(self) -> list:
         return [*super().reuse_targets(), self.init_image]

@@ -31,27 +31,33 @@ class InpaintTab(GenTab):
         self.prompt_row = PromptRow(p, placeholder="Describe what the masked area should show…")
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=320, elem_classes=["settings-col"]):
+                gr.Markdown("Upload an image, then paint over what should change.",
+                            elem_classes=["sd-muted", "mask-note"])
                 self.editor = ImageMaskPaths(
-                    label="Image — paint the area to change", sources=["upload", "clipboard"],
+                    label="Image", sources=["upload", "clipboard"],
                     format="png", height=420, layers=False, transforms=(),
                     brush=gr.Brush(default_size=24, colors=["#ffffff"], default_color="#ffffff",
                                    color_mode="fixed"),
                     elem_id=f"{p}-editor",
                 )
-                with gr.Accordion("Upload a mask instead", open=False, elem_id=f"{p}-mask-upload-acc"):
+                with gr.Accordion("Upload a mask instead", open=False, elem_id=f"{p}-mask-upload-acc") as self.mask_acc:
+                    gr.Markdown("White = change, black = keep. An uploaded mask wins over the painted one.",
+                                elem_classes=["sd-muted", "mask-note"])
                     self.mask_upload = ImagePath(
-                        label="Mask (white = change, black = keep; wins over the painted mask)", image_mode=None,
-                        sources=["upload", "clipboard"], height=200, elem_id=f"{p}-mask-upload",
+                        label="Mask", image_mode=None,
+                        sources=["upload", "clipboard"], height=220, elem_id=f"{p}-mask-upload",
                     )
                 self.strength = slider(
                     "strength", "inpaint", elem_id=f"{p}-strength",
                     info="How much of the masked area to repaint: 1 ignores what was there.",
                 )
+                self.area = gr.Radio([WHOLE, ONLY_MASKED], value=WHOLE, label="Inpaint area",
+                                     info="Only masked: repaint the mask's box (plus padding) at full resolution.",
+                                     elem_id=f"{p}-area")
                 with gr.Row():
                     self.mask_blur = slider("mask_blur", "inpaint", elem_id=f"{p}-mask-blur")
-                    self.area = gr.Radio([WHOLE, ONLY_MASKED], value=WHOLE, label="Inpaint area",
-                                         elem_id=f"{p}-area")
-                    self.padding = slider("padding", "inpaint", elem_id=f"{p}-padding")
+                    self.padding = slider("padding", "inpaint", label="Padding (px, only masked)",
+                                          elem_id=f"{p}-padding")
                 self.sampling = SamplingGroup(p, variant.steps, variant.guidance)
                 self.seed_row = SeedRow(p)
                 self.batch = BatchGroup(p)
@@ -88,10 +94,14 @@ class InpaintTab(GenTab):
         if inputs.get("init_image"):  # the stored source, with the stored mask painted over it
             out[self.editor] = editor_value(inputs["init_image"], inputs.get("mask_image"))
             out[self.mask_upload] = inputs.get("mask_image")
+            out[self.mask_acc] = gr.Accordion(open=bool(inputs.get("mask_image")))
         return out
 
+    def image_checks(self) -> list:
+        return [(self.editor, "init_image"), (self.mask_upload, "mask_image")]
+
     def reuse_targets(self) -> list:
-        return [*super().reuse_targets(), self.area, self.editor, self.mask_upload]
+        return [*super().reuse_targets(), self.area, self.editor, self.mask_upload, self.mask_acc]
 
 
 def create_ui(ctx) -> InpaintTab:

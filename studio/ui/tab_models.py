@@ -73,9 +73,26 @@ COLORS = {"text_encoder": "#a5b4fc", "text_encoder_2": "#818cf8", "text_encoder_
           "transformer": "#6366f1", "vae": "#10b981"}
 
 
-def plan_html(hw, variant: str, preset: str, width: int = 1024, height: int = 1024) -> str:
+def demo_note(studio, hw, variant: str, preset: str, planned: str) -> str:
+    """In demo mode, how the tiny models load for this choice (``placement_for`` is the one
+    decision) and why that differs from the plan, which is for the real weights."""
+    if studio is None or not studio.config.demo:
+        return ""
+    try:
+        placement = studio.placement_for(preset or "auto", variant, hardware=hw)
+    except Exception as ex:  # noqa: BLE001 — the plan still renders
+        return f"<div class='sd-demo-note'>Demo: this preset cannot load here ({e(str(ex))}).</div>"
+    why = (placement.reason or "the preset chosen").removeprefix("demo: ")
+    same = placement.name == planned
+    return (f"<div class='sd-demo-note'>Demo: the tiny models load as <b>{e(placement.name)}</b> on "
+            f"{e(placement.device)}{'' if same else f' (not {e(planned)})'} — {e(why)}.</div>")
+
+
+def plan_html(hw, variant: str, preset: str, width: int = 1024, height: int = 1024, studio=None) -> str:
     """The planner's verdict for a variant + preset, with a bar of each component's bytes (and the
-    activations at peak) against the memory budget. Everything interpolated is escaped."""
+    activations at peak) against the memory budget. Everything interpolated is escaped. With a
+    demo ``studio``, it says how the demo loads instead, and that the verdict is for the real
+    weights."""
     if hw is None:
         return "<div class='sd-card sd-muted'>No plan without hardware information.</div>"
     try:
@@ -95,6 +112,9 @@ def plan_html(hw, variant: str, preset: str, width: int = 1024, height: int = 10
         return f"<div class='sd-card sd-muted'>No plan: {e(str(ex))}</div>"
     where = {"cuda": "VRAM", "mps": "Metal budget", "cpu": "usable RAM"}.get(p.device, "memory")
     verdict = "<span class='sd-ok'>fits</span>" if ok else "<span class='sd-bad'>does not fit</span>"
+    demo = demo_note(studio, hw, variant, preset, p.name)
+    if demo:
+        verdict += " <span class='sd-muted'>(the real weights, on this machine)</span>"
     lines = text.splitlines()
     head, rest = (lines[0], lines[1:]) if lines else ("", [])
     if reason:
@@ -122,7 +142,7 @@ def plan_html(hw, variant: str, preset: str, width: int = 1024, height: int = 10
                if rest else "")
     return (
         f"<div class='sd-card'><div class='sd-plan-head'>Preset <b>{e(p.name)}</b> · {e(p.label)} {verdict}</div>"
-        f"<div class='sd-plan-expl'>{e(head)}</div>"
+        f"{demo}<div class='sd-plan-expl'>{e(head)}</div>"
         f"<div class='sd-bar-wrap'><div class='sd-bar'>{''.join(segs)}</div>{marker}</div>"
         f"<div class='sd-bar-cap'>peak {e(_gb(est.peak_bytes))} of {e(_gb(budget))} {e(where)} "
         f"· {width}×{height}</div>"
@@ -188,11 +208,15 @@ def token_login(token: str) -> tuple[str, str]:
 
 
 def token_check() -> str:
+    """What **Check** says: always a fresh line (and a toast), never a silent no-op."""
     try:
         from huggingface_hub import get_token, whoami
 
         if not get_token():
-            return token_status()
+            gr.Warning("No Hugging Face token to check: paste one and press Save token.")
+            return ("Checked: **no token is saved** on this machine (nor `HF_TOKEN` set). The official "
+                    "repos are gated: accept the licence on the model page, paste a read token above and "
+                    "press *Save token*.")
         me = whoami()
         return f"Logged in to the Hugging Face Hub as **{e(str(me.get('name', '?')))}**."
     except Exception as ex:  # noqa: BLE001
@@ -232,8 +256,7 @@ class ModelsTab:
                 self.variant_note = gr.Markdown(_variant_note(variant), elem_classes=["sd-muted"])
                 self.source = gr.Textbox(
                     label="Source (optional)", elem_id="models-source", visible=not studio.shared,
-                    placeholder="blank: the variant's default · stabilityai/stable-diffusion-3.5-medium · "
-                                "/path/to/diffusers-folder · /path/to/model.safetensors",
+                    placeholder=source_placeholder(variant),
                     info="A Hub id, a local diffusers folder (with model_index.json) or a single .safetensors file.",
                 )
                 preset0 = studio.config.preset or "auto"
@@ -268,6 +291,8 @@ class ModelsTab:
         for trig in (self.variant.change, self.preset.change):
             trig(self._replan, [self.variant, self.preset], self.plan, concurrency_limit=None, **kw)
         self.variant.change(_variant_note, self.variant, self.variant_note, queue=False, api_visibility="private")
+        self.variant.change(lambda v: gr.update(placeholder=source_placeholder(v)), self.variant, self.source,
+                            queue=False, api_visibility="private")
         self.timer.tick(memory_html, None, self.memory, concurrency_limit=None, **kw)
         if not studio.shared:
             self.login_btn.click(token_login, self.token, [self.token_status, self.token],
@@ -277,7 +302,7 @@ class ModelsTab:
     def _replan(self, variant, preset):
         if self._hw is None:
             return gr.update()
-        return plan_html(self._hw, variant, preset)
+        return plan_html(self._hw, variant, preset, studio=self.ctx.studio)
 
     def opened(self, variant, preset):
         """The tab opened: detect the hardware once, list the presets, plan, start the readout."""
@@ -286,7 +311,7 @@ class ModelsTab:
         return {
             self.hardware: hardware_html(self._hw),
             self.preset: gr.update(choices=preset_choices()),
-            self.plan: plan_html(self._hw, variant, preset),
+            self.plan: plan_html(self._hw, variant, preset, studio=self.ctx.studio),
             self.memory: memory_html(),
             self.timer: gr.Timer(active=True),
         }
@@ -300,6 +325,13 @@ class ModelsTab:
     def unload(self):
         call(self.ctx.studio.unload_model)
         return "Unloaded. The next Generate loads the model again."
+
+
+def source_placeholder(name) -> str:
+    """The Source box's hint for a variant: its own repo, then the other kinds of source."""
+    v = VARIANTS.get(name or "") or VARIANTS[DEFAULT_VARIANT]
+    return (f"blank: {v.repo_id} · another Hub id · /path/to/diffusers-folder · "
+            f"/path/to/{v.single_file}")
 
 
 def _variant_note(name) -> str:

@@ -6,7 +6,7 @@ import gradio as gr
 
 from studio.catalog import TURBO_VARIANT, VARIANTS
 
-from .controls import BatchGroup, PromptRow, ResultPanel, SamplingGroup, SeedRow, SizeGroup
+from .controls import BatchGroup, LoraGroup, PromptRow, ResultPanel, SamplingGroup, SeedRow, SizeGroup
 from .generate import GenTab
 
 
@@ -26,10 +26,11 @@ class TurboTab(GenTab):
         self.prompt_row = PromptRow(p, negative=False)
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=320, elem_classes=["settings-col"]):
-                self.size = SizeGroup(p, native_size=ctx.native_size)
+                self.size = SizeGroup(p, native_size=ctx.native_size, limit=lambda: ctx.size_limit(self.mode))
                 self.sampling = SamplingGroup(p, turbo.steps, turbo.guidance, guidance_visible=False)
                 self.seed_row = SeedRow(p)
                 self.batch = BatchGroup(p)
+                self.loras = LoraGroup(p)
             with gr.Column(scale=6, min_width=360):
                 self.result = ResultPanel(p)
 

@@ -19,7 +19,7 @@ class Txt2ImgTab(GenTab):
         self.prompt_row = PromptRow(p)
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=320, elem_classes=["settings-col"]):
-                self.size = SizeGroup(p, native_size=ctx.native_size)
+                self.size = SizeGroup(p, native_size=ctx.native_size, limit=lambda: ctx.size_limit(self.mode))
                 self.sampling = SamplingGroup(p, variant.steps, variant.guidance)
                 self.seed_row = SeedRow(p)
                 self.batch = BatchGroup(p)
