@@ -151,3 +151,19 @@ def test_tiny_t5_nf4_weights_pack_for_the_cpu_kernel(tiny_family):
         n, k = m.out_features, m.in_features
         assert packed.shape == (n, k // 2) and packed.dtype == torch.uint8, name
         assert state.absmax.shape == (k // state.blocksize, n), name
+
+
+def test_demo_vocabulary_is_one_token_a_word():
+    """The demo model's prompt grammar (studio.demo.shapes) reads one token a word in the shared
+    CLIP and T5 tokenizers, so the frozen encoders see whole words."""
+    from studio.demo.shapes import VOCABULARY
+    from studio.demo.tiny import build_shared_components
+
+    shared = build_shared_components()
+    clip, t5 = shared["tokenizer"], shared["tokenizer_3"]
+    for word in VOCABULARY:
+        assert clip.tokenize(word) == [word + "</w>"], word
+        assert t5.tokenize(word) == ["▁" + word], word
+    prompt = "a large blue square at the left and a small yellow triangle at the right on a white background"
+    assert len(clip(prompt).input_ids) == len(prompt.split()) + 2  # + start and end
+    assert len(t5(prompt).input_ids) == len(prompt.split()) + 1  # + </s>

@@ -31,7 +31,7 @@ from pathlib import Path
 TINY_VARIANTS = ("sd3-medium", "sd3.5-medium", "sd3.5-large", "sd3.5-large-turbo")
 
 # Bumped whenever what build_tiny_variant writes changes, so stale demo folders are rebuilt.
-TINY_FORMAT = 2
+TINY_FORMAT = 3
 _STAMP = "studio_tiny.json"
 
 _SHARED_SEED = 1234
@@ -96,28 +96,55 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
+# Whole-word tokens in both tokenizers: a few caption words, and every word of the trained demo
+# model's prompt grammar (studio.demo.shapes), so one word is one token.
+_WORDS = ("a", "the", "of", "red", "fox", "cat", "dog", "photo", "in", "on", "with")
+
+
+def _words() -> tuple[str, ...]:
+    from studio.demo.shapes import VOCABULARY
+
+    return tuple(dict.fromkeys(_WORDS + VOCABULARY))
+
+
+def _bpe_merges(words) -> list[tuple[str, str]]:
+    """Train byte-level BPE on ``words`` (each once) until every word is a single token.
+
+    Encoding applies merges in the order training made them, so a training word always comes
+    back as the segmentation training ended with: one token. Ties go to the first pair seen.
+    """
+    segs = [[*w[:-1], w[-1] + "</w>"] for w in words]
+    merges: list[tuple[str, str]] = []
+    while any(len(s) > 1 for s in segs):
+        counts: dict[tuple[str, str], int] = {}
+        for seg in segs:
+            for pair in zip(seg, seg[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        best = max(counts, key=counts.get)  # first-inserted wins a tie: deterministic
+        merges.append(best)
+        for seg in segs:
+            i = 0
+            while i < len(seg) - 1:
+                if (seg[i], seg[i + 1]) == best:
+                    seg[i:i + 2] = [seg[i] + seg[i + 1]]
+                i += 1
+    return merges
+
+
 def _clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A byte-level BPE vocabulary with every printable ASCII character and a few merges."""
+    """A byte-level BPE vocabulary: every byte (alone and word-final) plus whole-word merges."""
     byte_chars = list(_bytes_to_unicode().values())
     tokens = ["<|startoftext|>", "<|endoftext|>"]
     tokens += byte_chars + [c + "</w>" for c in byte_chars]
-    merges = []
-    for word in ("a", "the", "of", "red", "fox", "cat", "dog", "photo", "in", "on", "with"):
-        current = word[0]
-        for i, ch in enumerate(word[1:], start=1):
-            right = ch + ("</w>" if i == len(word) - 1 else "")
-            merges.append((current, right))
-            current = current + right
-            if current not in tokens:
-                tokens.append(current)
+    merges = _bpe_merges(_words())
+    tokens += [a + b for a, b in merges]
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
     return vocab, merges
 
 
 def _t5_vocab() -> list[tuple[str, float]]:
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    for word in ("a", "the", "of", "red", "fox", "cat", "dog", "photo", "in", "on", "with"):
-        pieces.append(("▁" + word, -3.0))
+    pieces += [("▁" + word, -3.0) for word in _words()]
     chars = string.ascii_letters + string.digits + string.punctuation
     pieces += [(c, -5.0) for c in chars] + [("▁" + c, -6.0) for c in chars]
     return pieces
