@@ -1,7 +1,8 @@
 """Images stored by content: inpaint masks, init images and control images.
 
 A generated image's metadata names what it was made from by sha256 (``mask_sha256``,
-``init_image_sha256``, ``control_image_sha256``), and the file lives at
+``init_image_sha256``, ``control_image_sha256`` and each ``controlnets[i].control_image_sha256``),
+and the file lives at
 ``<data-dir>/<kind>/<sha256>.png``: the same mask used for a batch is stored once, and "reuse
 parameters" finds an image's inputs from its id (id → owner check → metadata → sha → file).
 
@@ -90,10 +91,25 @@ class Blobs:
         return [self.masks.folder, self.inits.folder, self.controls.folder]
 
     def referenced(self, meta: dict) -> dict[str, str]:
-        """{kind: sha} of the blobs an image's metadata names (well-formed hashes only)."""
+        """{kind: sha} of the blobs an image's metadata names (well-formed hashes only; of several
+        control images, the first — :meth:`references` lists them all)."""
         out = {}
+        for kind, sha in self.references(meta):
+            out.setdefault(kind, sha)
+        return out
+
+    def references(self, meta: dict) -> list[tuple[str, str]]:
+        """Every (kind, sha) an image's metadata names, in order: the mask, the init image, and
+        one control image per ControlNet (``controlnets[i].control_image_sha256``)."""
+        meta = meta if isinstance(meta, dict) else {}
+        out: list[tuple[str, str]] = []
         for kind, key in META_KEYS.items():
-            sha = (meta or {}).get(key)
+            sha = meta.get(key)
             if isinstance(sha, str) and SHA_RE.match(sha):
-                out[kind] = sha
+                out.append((kind, sha))
+        units = meta.get("controlnets")
+        for unit in units if isinstance(units, list) else ():
+            sha = unit.get("control_image_sha256") if isinstance(unit, dict) else None
+            if isinstance(sha, str) and SHA_RE.match(sha) and ("control", sha) not in out:
+                out.append(("control", sha))
         return out

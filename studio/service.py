@@ -398,10 +398,10 @@ class Studio:
     def delete_image(self, image_id, owner=None) -> None:
         """Delete an image, and the stored inputs (mask, init image) no other image uses."""
         item = self.get_image(image_id, owner)
-        refs = self.blobs.referenced(item.metadata or {})
+        refs = self.blobs.references(item.metadata or {})  # every control image too
         if not self.gallery.delete(item.id, owner=owner):
             raise GalleryError(f"No image with id {str(image_id)[:40]!r} in the gallery.")
-        for kind, sha in refs.items():
+        for kind, sha in refs:
             if not self.gallery.references(sha):
                 self.blobs.store(kind).delete(sha)
 
@@ -415,7 +415,31 @@ class Studio:
             path = self.blobs.store(kind).path(refs.get(kind))
             if path is not None:
                 out[key] = str(path)
+        units = (item.metadata or {}).get("controlnets")
+        if isinstance(units, list) and units:  # one per ControlNet, in order (None: not stored)
+            paths = [self.blobs.controls.path(u.get("control_image_sha256")) if isinstance(u, dict) else None
+                     for u in units]
+            out["control_images"] = [str(p) if p is not None else None for p in paths]
         return out
+
+    def reuse_image(self, image_id, owner=None) -> tuple[dict, list[str]]:
+        """"Reuse parameters" of one of the owner's gallery images, ready for ``build_request``:
+        :meth:`reuse_fields` of its metadata with its stored inputs attached — the init image, the
+        mask and each ControlNet's control image — found by the id after the owner check, never by
+        anything the metadata says."""
+        item = self.get_image(image_id, owner)
+        fields, notes = self.reuse_fields(item.metadata or {}, "studio")
+        inputs = self.image_inputs(item.id, owner)
+        for key in ("init_image", "mask_image"):
+            if key in inputs and fields.get("mode") in ("img2img", "inpaint"):
+                fields[key] = inputs[key]
+        images = inputs.get("control_images") or []
+        for unit, path in zip(fields.get("controls") or [], images):
+            if path is not None:
+                unit["control_image"] = path
+        if fields.get("controls") and any(p is None for p in images):
+            notes.append("A control image of this image is not stored: add it again.")
+        return fields, notes
 
     def mask_path(self, image_id, owner=None):
         """The inpaint mask file of the owner's image (GalleryError when it has none)."""
@@ -468,6 +492,9 @@ class Studio:
             names, prompt, negative = self.styles.extract(f.get("prompt", ""), f.get("negative_prompt", ""))
             if names:
                 f.update(styles=names, prompt=prompt, negative_prompt=negative)
+        if f.get("controlnets") and "controls" not in f:
+            f["controls"], found = self._controls_from_metadata(f["controlnets"])
+            notes += found
         if f.get("hires_upscaler"):
             f["hires_upscaler"], note = self._known_upscaler(f["hires_upscaler"])
             if note:
@@ -475,6 +502,29 @@ class Studio:
             if f["hires_upscaler"] is None:
                 f.pop("hires_upscaler")
         return request_fields(f), notes
+
+    @staticmethod
+    def _controls_from_metadata(units: list) -> tuple[list[dict], list[str]]:
+        """An image's ``controlnets`` (ours, or read from Forge's infotext / a ComfyUI graph) as the
+        request's ``controls``: every setting; the ControlNet by its catalog id only (another name
+        — a file, a folder, the demo's — is left to the model's default, and said so)."""
+        from studio.control_catalog import CONTROLNETS
+
+        controls, notes = [], []
+        for u in units:
+            unit = {"control_type": u.get("type"), "preprocess": u.get("preprocess"),
+                    "control_resize": u.get("resize"), "canny_low": u.get("canny_low"),
+                    "canny_high": u.get("canny_high"), "blur_radius": u.get("blur_radius"),
+                    "control_invert": u.get("invert"), "control_scale": u.get("scale"),
+                    "control_start": u.get("start"), "control_end": u.get("end")}
+            name = u.get("name")
+            if name in CONTROLNETS:
+                unit["controlnet"] = name
+            elif name:
+                notes.append(f"ControlNet {str(name)[:60]!r} is not in the catalog; the model's default "
+                             f"{u.get('type') or 'canny'} ControlNet is used (name its file to use it).")
+            controls.append({k: v for k, v in unit.items() if v is not None})
+        return controls, notes
 
     def _known_upscaler(self, name: str) -> tuple[str | None, str]:
         """An upscaler name read from a PNG, as one here: ours, A1111's latent modes mapped onto
@@ -635,6 +685,79 @@ class Studio:
         out = GeneratedImage(up, parent.get("seed") if isinstance(parent.get("seed"), int) else -1, meta, done)
         return GenerationResult([out], out.seed, list(result.notes), False,
                                 {"total_s": round(time.perf_counter() - started, 3)})
+
+    # -- ControlNet --
+
+    def controlnets_for(self, variant: str | None = None, control_type: str | None = None) -> list[dict]:
+        """The catalog ControlNets that fit a variant (None: the loaded one, else the configured one):
+        [{id, label, control_type, preprocessor, scale, start, end, steps, guidance, notes}]. In demo
+        mode: the tiny ControlNet, for every type but inpaint."""
+        from studio.control_catalog import CONTROL_TYPES, controlnets_for
+
+        current = self.current
+        name = variant or (current.variant.name if current is not None else None) or self.config.variant \
+            or DEFAULT_VARIANT
+        if self.config.demo:
+            return [{"id": "", "label": f"Tiny demo ControlNet ({name})", "control_type": t, "preprocessor":
+                     t if t in ("canny", "depth", "blur") else "none", "scale": 1.0, "start": 0.0, "end": 1.0,
+                     "steps": None, "guidance": None, "notes": "random weights, for trying the studio offline"}
+                    for t in CONTROL_TYPES if t != "inpaint" and (control_type in (None, t))]
+        return [{"id": e.id, "label": e.label, "control_type": e.control_type, "preprocessor": e.preprocessor,
+                 "scale": e.scale, "start": e.start, "end": e.end, "steps": e.steps, "guidance": e.guidance,
+                 "notes": e.notes} for e in controlnets_for(name, control_type)]
+
+    def check_controlnet_sources(self, req) -> None:
+        """On a shared deployment a request names ControlNets by catalog id only (no path, no Hub
+        id); none named is the catalog's default."""
+        from studio.control_catalog import CONTROLNETS
+
+        if not self.shared:
+            return
+        for source in [req.controlnet, *[u.get("controlnet") for u in req.controls or [] if isinstance(u, dict)]]:
+            if source not in (None, "") and source not in CONTROLNETS:
+                raise ValidationError("This studio is shared: ControlNets come from the catalog only ("
+                                      + ", ".join(CONTROLNETS) + "), not a path or a Hub id.", "controlnet")
+
+    def control_preview(self, control_image, control_type=None, controlnet=None, preprocess=None, canny_low=None,
+                        canny_high=None, blur_radius=None, control_invert=None, control_resize=None, width=None,
+                        height=None, variant=None, depth_model=None, progress=None):
+        """The control map a ControlNet will read (a PIL image): the control image fitted to the
+        size (default: the model's native size), preprocessed, in the model's polarity — what the
+        engine computes, without loading the ControlNet (its input rule comes from the catalog, or
+        from the design of the model's ControlNets). Checks the settings as a request would."""
+        from studio.control_catalog import SD35_LARGE_CONTROLNET, rule_for
+        from studio.engine.control import control_map, depth_estimator
+        from studio.engine.validate import _check_controls
+
+        current = self.current
+        name = variant or (current.variant.name if current is not None else None) or self.config.variant \
+            or DEFAULT_VARIANT
+        if name not in VARIANTS:
+            raise ValidationError(f"Unknown variant {str(name)[:60]!r}; choose one of: {', '.join(VARIANTS)}.",
+                                  "variant")
+        from studio.engine import build_request
+
+        native = current.native_size if current is not None and current.variant.name == name else \
+            ((256, 256) if self.config.demo else (1024, 1024))
+        req = build_request(dict(prompt="", control_image=control_image, control_type=control_type,
+                                 controlnet=controlnet, preprocess=preprocess, canny_low=canny_low,
+                                 canny_high=canny_high, blur_radius=blur_radius, control_invert=control_invert,
+                                 control_resize=control_resize))
+        self.check_controlnet_sources(req)
+        if control_image is None:
+            raise ValidationError("Upload a control image to preview its map.", "control_image")
+        unit = _check_controls(req, get_variant(name), True)[0]
+        if unit.inpaint:
+            raise ValidationError("The inpainting ControlNet reads the image and its mask; there is no map to "
+                                  "preview.", "control_type")
+        design = SD35_LARGE_CONTROLNET if name in ("sd3.5-large", "sd3.5-large-turbo") else {}
+        rule = rule_for(unit.control_type, design, unit.entry)
+        from studio.engine import check_number, snap
+
+        w = snap(native[0] if width in (None, "") else check_number("width", width))
+        h = snap(native[1] if height in (None, "") else check_number("height", height))
+        estimator = depth_estimator(depth_model) if depth_model else None
+        return control_map(unit.image, unit.settings, rule, w, h, estimator, progress)
 
     def _device(self) -> str:
         from studio.hardware import detect_hardware

@@ -101,6 +101,7 @@ def _named(parse, what: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from studio.control_catalog import CONTROL_TYPES, CONTROLNETS, PREPROCESSORS
     from studio.engine import samplers
     from studio.engine.weighting import EMPHASIS
 
@@ -174,6 +175,27 @@ def build_parser() -> argparse.ArgumentParser:
                           "file's name in <data-dir>/upscalers")
     gen.add_argument("--hires-variant", choices=sorted(VARIANTS), default=None,
                      help="hires fix: run the second pass on another variant (e.g. Large, then Medium)")
+    gen.add_argument("--control-image", type=Path, default=None, metavar="PNG",
+                     help="ControlNet: the image to follow (the picture, or the ready map with --no-preprocess)")
+    gen.add_argument("--control-type", choices=list(CONTROL_TYPES), default=None,
+                     help="ControlNet: what the control image gives (default: the ControlNet's, else canny; "
+                          "inpaint needs --mode inpaint)")
+    gen.add_argument("--controlnet", default=None, metavar="SRC",
+                     help="ControlNet: a catalog id (" + ", ".join(CONTROLNETS) + "), a Hub id, a diffusers folder "
+                          "or a .safetensors file (default: the catalog's for the model and type)")
+    gen.add_argument("--control-scale", type=float, default=None, metavar="S", help=_limit_help("control_scale"))
+    gen.add_argument("--control-start", type=float, default=None, metavar="A", help=_limit_help("control_start"))
+    gen.add_argument("--control-end", type=float, default=None, metavar="B", help=_limit_help("control_end"))
+    gen.add_argument("--preprocess", choices=list(PREPROCESSORS), default=None,
+                     help="ControlNet: the preprocessor (default: the ControlNet's)")
+    gen.add_argument("--no-preprocess", action="store_const", const="none", dest="preprocess",
+                     help="ControlNet: the control image is already the map (same as --preprocess none)")
+    gen.add_argument("--canny-low", type=int, default=None, metavar="N", help=_limit_help("canny_low"))
+    gen.add_argument("--canny-high", type=int, default=None, metavar="N", help=_limit_help("canny_high"))
+    gen.add_argument("--blur-radius", type=float, default=None, metavar="R", help=_limit_help("blur_radius"))
+    gen.add_argument("--depth-model", default=None, metavar="SRC",
+                     help="ControlNet: the depth preprocessor's model, a Hub id or a local folder "
+                          "(default: depth-anything/Depth-Anything-V2-Small-hf, downloaded on first use)")
     gen.add_argument("--json", action="store_true", help="print a JSON object instead of paths")
     _common(gen, sub=True)
 
@@ -269,6 +291,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "prompt_weighting": args.prompt_weighting, "emphasis": args.emphasis,
         "hires_scale": args.hires_scale, "hires_steps": args.hires_steps, "hires_denoise": args.hires_denoise,
         "hires_upscaler": args.hires_upscaler, "hires_variant": args.hires_variant,
+        "control_image": str(args.control_image) if args.control_image else None,
+        "control_type": args.control_type, "controlnet": args.controlnet, "control_scale": args.control_scale,
+        "control_start": args.control_start, "control_end": args.control_end, "preprocess": args.preprocess,
+        "canny_low": args.canny_low, "canny_high": args.canny_high, "blur_radius": args.blur_radius,
+        "depth_model": args.depth_model,
     }
     try:
         studio = Studio(config)

@@ -41,25 +41,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from studio.control_catalog import PREPROCESSORS, InputRule
-from studio.engine.limits import Limit
+from studio.engine.limits import CONTROL_LIMIT_NAMES, LIMITS, Limit
 from studio.errors import ModelError, ValidationError
 
 DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
 DEPTH_ALLOW = ["*.json", "*.safetensors"]
 RESIZE_MODES = ("crop", "stretch")
 
-# Rows for studio.engine.limits.LIMITS (the one table); the engine validates against them.
-CONTROL_LIMITS: dict[str, Limit] = {lim.name: lim for lim in (
-    Limit("control_scale", "Control weight", 0.0, 2.0, 0.05, None,
-          help="ControlNet conditioning scale (default: the ControlNet's recommendation)"),
-    Limit("control_start", "Control start", 0.0, 1.0, 0.01, 0.0, help="fraction of the steps where control begins"),
-    Limit("control_end", "Control end", 0.0, 1.0, 0.01, 1.0, help="fraction of the steps where control ends"),
-    Limit("canny_low", "Canny low threshold", 0, 255, 1, 100, True, help="edges weaker than this are dropped"),
-    Limit("canny_high", "Canny high threshold", 0, 255, 1, 200, True, help="edges stronger than this are kept"),
-    Limit("blur_radius", "Blur radius (px)", 0.0, 64.0, 0.5, 8.0,
-          help="Gaussian blur radius at the working size (the studio's choice; Stability's card "
-               "preprocessing could not be read here)"),
-)}
+# The rows of studio.engine.limits.LIMITS (the one table) for the control settings.
+CONTROL_LIMITS: dict[str, Limit] = {name: LIMITS[name] for name in CONTROL_LIMIT_NAMES}
 
 
 def _default(name: str):

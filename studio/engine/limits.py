@@ -92,8 +92,21 @@ LIMITS: dict[str, Limit] = {
               help=f"the result must stay within {MAX_IMAGE_PIXELS // 10**6} MP (a refine pass: {MAX_SIDE} px a side)"),
         Limit("refine_denoise", "Refine strength", 0.0, 1.0, 0.01, 0.3,
               help="the optional img2img pass over the upscaled image"),
+        # ControlNet (#15): one row per setting of a control unit (studio.engine.control reads them)
+        Limit("control_scale", "Control weight", 0.0, 2.0, 0.05, None,
+              help="ControlNet conditioning scale (default: the ControlNet's recommendation)"),
+        Limit("control_start", "Control start", 0.0, 1.0, 0.01, 0.0, help="fraction of the steps where control begins"),
+        Limit("control_end", "Control end", 0.0, 1.0, 0.01, 1.0, help="fraction of the steps where control ends"),
+        Limit("canny_low", "Canny low threshold", 0, 255, 1, 100, True, help="edges weaker than this are dropped"),
+        Limit("canny_high", "Canny high threshold", 0, 255, 1, 200, True, help="edges stronger than this are kept"),
+        Limit("blur_radius", "Blur radius (px)", 0.0, 64.0, 0.5, 8.0,
+              help="Gaussian blur radius at the working size (the studio's choice; Stability's card "
+                   "preprocessing could not be read here)"),
     )
 }
+
+CONTROL_LIMIT_NAMES = ("control_scale", "control_start", "control_end", "canny_low", "canny_high", "blur_radius")
+MAX_CONTROLNETS = 3  # ControlNets in one request (each is a few GB for the real models)
 
 # Hires fix: the VAE decodes in tiles when the second pass's image is larger than this (a hook for
 # the memory planner, which has no hires estimate yet: a full decode at 1536² in bf16 takes about

@@ -57,9 +57,27 @@ class GenerationRequest:
     hires_denoise: float | None = None  # None: the mode's default (limits)
     hires_upscaler: str | None = None  # "Lanczos" (None), "latent-bislerp", "latent-nearest-exact" or a model's name
     hires_variant: str | None = None  # another variant for the second pass (Large → Medium); None: the same model
+    # ControlNet (#15): one control unit in these fields, more in ``controls`` (studio.engine.control)
+    control_image: object | None = None  # a path (checked before decoding), bytes or PIL image
+    control_type: str | None = None  # control_catalog.CONTROL_TYPES; None: the ControlNet's, else canny
+    controlnet: str | None = None  # catalog id, Hub id, folder or .safetensors; None: the catalog's for the model
+    control_scale: float | None = None  # None: the ControlNet's recommendation
+    control_start: float | None = None
+    control_end: float | None = None
+    preprocess: str | None = None  # control_catalog.PREPROCESSORS; None: the ControlNet's; "none": a ready map
+    canny_low: int | None = None
+    canny_high: int | None = None
+    blur_radius: float | None = None
+    control_invert: bool | None = None  # None: the model's polarity rule
+    control_resize: str | None = None  # "crop" (default) | "stretch"
+    controls: list = field(default_factory=list)  # more units: dicts with the keys of CONTROL_KEYS
+    depth_model: str | None = None  # the depth preprocessor's model (None: Depth Anything V2 Small)
 
 
 REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest))
+# The keys of one control unit (the request's own control_* fields, or one dict of ``controls``).
+CONTROL_KEYS = ("control_image", "control_type", "controlnet", "control_scale", "control_start", "control_end",
+                "preprocess", "canny_low", "canny_high", "blur_radius", "control_invert", "control_resize")
 _SLG = {"auto": None, "on": True, "off": False, "true": True, "false": False}
 
 
@@ -99,6 +117,8 @@ def build_request(fields: Mapping, mode: str | None = None) -> GenerationRequest
             raise ValidationError(str(e), "loras") from None
     if "only_masked" in values:
         values["only_masked"] = bool(values["only_masked"])
+    if isinstance(values.get("controls"), dict):
+        values["controls"] = [values["controls"]]
     if isinstance(values.get("styles"), str):  # one name (style names may hold commas)
         values["styles"] = [values["styles"]]
     elif isinstance(values.get("styles"), tuple):
@@ -133,10 +153,11 @@ class Resolved:
     prompt: str = ""  # what the encoders read: the prompt with its styles applied
     negative_prompt: str = ""
     hires: HiresPlan | None = None  # the hires fix's second pass, when asked for
+    controls: list = field(default_factory=list)  # [ControlUnit]
 
     @property
     def effective_steps(self) -> int:
-        if self.request.mode not in IMAGE_MODES:
+        if self.request.mode not in IMAGE_MODES or self.controls:  # the inpainting ControlNet starts from noise
             return self.steps
         return self.steps - int(max(self.steps - self.steps * self.request.strength, 0))
 
@@ -144,6 +165,26 @@ class Resolved:
     def total_steps(self) -> int:
         """Denoising steps of the whole request's run: both passes of a hires fix."""
         return self.effective_steps + (self.hires.effective_steps if self.hires else 0)
+
+
+@dataclass
+class ControlUnit:
+    """One ControlNet of a request, checked (the net itself is loaded by ``Engine.prepare``)."""
+
+    control_type: str
+    source: str | None  # what names the ControlNet (None: the default for the model, chosen in prepare)
+    entry: object | None  # its control_catalog entry, when it is one
+    settings: object  # engine.control.ControlSettings
+    scale: float | None  # None: the ControlNet's recommendation (filled in prepare)
+    start: float
+    end: float
+    image: object | None  # the control image (RGB); None for an inpainting ControlNet (it reads the init image)
+    net: object = None  # models.controlnet.LoadedControlNet (after prepare)
+    rule: object = None  # control_catalog.InputRule (after prepare)
+
+    @property
+    def inpaint(self) -> bool:
+        return self.control_type == "inpaint"
 
 
 @dataclass

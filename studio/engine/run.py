@@ -74,7 +74,45 @@ class Engine:
         resolved.loras = infos
         if resolved.hires is not None:
             self._prepare_hires(resolved, loaded)
+        if resolved.controls:
+            self._prepare_controls(resolved, loaded)
         return resolved
+
+    def _prepare_controls(self, r: Resolved, loaded) -> None:
+        """Load each ControlNet (catalog id, Hub id, folder or file; none named: the catalog's for
+        the model, in demo mode the tiny one) and check it fits the loaded transformer."""
+        from studio.control_catalog import check_fit, controlnets_for, rule_for
+        from studio.models.controlnet import controlnet_blocker
+
+        for u in r.controls:
+            spec = u.source or self.models.default_controlnet(loaded, u.control_type)
+            if spec is None:
+                fitting = ", ".join(f"{e.id} ({e.control_type})" for e in controlnets_for(loaded.variant.name))
+                raise ValidationError(
+                    f"There is no {u.control_type} ControlNet for {loaded.variant.label} in the catalog"
+                    + (f"; for this model: {fitting}" if fitting else "") + ". Name one with controlnet "
+                    "(a catalog id, a Hub id, a folder or a .safetensors file), or switch the model.", "controlnet")
+            net = self.models.controlnet(loaded, spec)  # ModelError: download, files
+            if u.entry is None:  # not a catalog id: its structure must fit this base
+                check_fit(net.config, loaded.variant.name, dict(loaded.pipe.transformer.config), net.name)
+                if net.control_type and net.control_type != u.control_type:
+                    raise ValidationError(f"{net.name} is a {net.control_type} ControlNet (its file says so), not "
+                                          f"{u.control_type}: set the control type to {net.control_type}.",
+                                          "control_type")
+            if net.inpaint != u.inpaint:
+                raise ValidationError(
+                    f"{net.name} is an inpainting ControlNet: use control type inpaint in inpaint mode." if net.inpaint
+                    else f"{net.name} is not an inpainting ControlNet (it takes no mask): pick one made for "
+                         "inpainting, e.g. sd3-medium-inpaint.", "controlnet")
+            u.net = net
+            u.rule = rule_for(u.control_type, net.config, net.entry)
+            if u.scale is None:
+                u.scale = net.entry.scale if net.entry is not None else 1.0
+        problem = controlnet_blocker(loaded.pipe, [dict(u.net.config) for u in r.controls])
+        if problem:
+            raise ValidationError(problem, "controlnet")
+        if r.hires is not None:
+            r.notes.append("The hires fix's second pass runs without the ControlNet (img2img has none).")
 
     def _prepare_hires(self, r: Resolved, loaded) -> None:
         """Resolve the hires fix's upscaler file and second variant before anything runs."""
@@ -174,7 +212,9 @@ class Engine:
         from studio.engine.samplers import scheduler_for
 
         req = r.request
-        if req.mode == "inpaint":
+        if r.controls:  # the ControlNet (inpainting) pipeline over the loaded components
+            pipe = self.models.controlnet_pipeline(loaded, [u.net for u in r.controls], inpaint=r.controls[0].inpaint)
+        elif req.mode == "inpaint":
             pipe = self.models.inpaint(loaded)
         else:
             pipe = self.models.img2img(loaded) if req.mode == "img2img" else loaded.pipe
@@ -193,6 +233,7 @@ class Engine:
         elif r.init_image is not None:
             init = r.init_image.resize((r.width, r.height), resample=3) if r.init_image.size != (r.width, r.height) else r.init_image
         text_loras = tuple((i.sha256, w) for i, w in r.loras if i.text_encoders)
+        control_kw, control_meta = self._control_inputs(r, init, mask) if r.controls else ({}, None)
         started = time.perf_counter()
         images: list[GeneratedImage] = []
         cancelled = False
@@ -208,6 +249,8 @@ class Engine:
                 meta = self._metadata(r, first, s, run, k, init_sha, run_s, mask_sha)
                 if h is not None:
                     meta.update(self._hires_metadata(r, second or first))
+                if control_meta:
+                    meta["controlnets"] = control_meta
                 if extra_meta:
                     meta.update(extra_meta)
                 item = GeneratedImage(image, s, meta)
@@ -259,7 +302,9 @@ class Engine:
                     callback_on_step_end=on_step,
                     callback_on_step_end_tensor_inputs=["latents"],
                 )
-                if req.mode == "img2img":
+                if r.controls:  # the maps were made once for the request; the inpainting one reads init + mask
+                    kwargs.update(control_kw)
+                elif req.mode == "img2img":
                     kwargs.update(image=init, strength=req.strength)
                 elif req.mode == "inpaint":
                     kwargs.update(image=init, mask_image=mask, strength=req.strength)
@@ -274,7 +319,13 @@ class Engine:
                     kwargs["output_type"] = "latent"
                 out = None
                 try:
-                    out = pipe(**kwargs)
+                    if r.controls:  # diffusers samples the control latents from the global RNG: pin it
+                        from studio.engine.control import control_rng
+
+                        with control_rng(seeds[0], device):
+                            out = pipe(**kwargs)
+                    else:
+                        out = pipe(**kwargs)
                 except torch.OutOfMemoryError:
                     pass  # handled below: inside this block the traceback still holds the activations
                 if out is None:  # out of memory; the exception and its frames are gone now
@@ -319,6 +370,28 @@ class Engine:
             pipe._interrupt = False
         total = time.perf_counter() - started
         return GenerationResult(images, r.seed, r.notes, cancelled, {"total_s": round(total, 3)})
+
+    def _control_inputs(self, r: Resolved, init, mask) -> tuple[dict, list[dict]]:
+        """The ControlNet pipeline's control arguments for the request, made once for all its runs
+        (each map fitted to the working size, preprocessed, in the model's polarity and encoding),
+        and what the metadata records of each ControlNet. The control images are stored by
+        content (``controls``), so reuse gives them back."""
+        from studio.engine.control import control_kwargs, control_map, depth_estimator, encode_map
+
+        req, units = r.request, r.controls
+        scales, starts, ends = [u.scale for u in units], [u.start for u in units], [u.end for u in units]
+        if units[0].inpaint:  # Alimama's: the image and its mask at the working size, no map
+            kw = control_kwargs([], scales, starts, ends, inpaint=(init, mask))
+            shas = [None]
+        else:
+            estimator = depth_estimator(req.depth_model) if req.depth_model else None
+            maps = [control_map(u.image, u.settings, u.rule, r.width, r.height, estimator) for u in units]
+            kw = control_kwargs([encode_map(m, u.rule) for m, u in zip(maps, units)], scales, starts, ends)
+            shas = [self._store("control", u.image) for u in units]
+        meta = [{"name": u.net.name, "sha256": u.net.sha256, "hash": u.net.short_hash, "type": u.control_type,
+                 **u.settings.as_meta(), "scale": u.scale, "start": u.start, "end": u.end,
+                 "control_image_sha256": sha} for u, sha in zip(units, shas)]
+        return kw, meta
 
     def _hires(self, r: Resolved, loaded, second, first, seeds, embeds, run, first_steps, started, on_progress,
                cancel, text_loras):
@@ -459,7 +532,7 @@ class Engine:
             "styles": list(req.styles) or None,
             "styled_prompt": r.prompt if req.styles else None,
             "styled_negative_prompt": r.negative_prompt if req.styles else None,
-            "strength": req.strength if req.mode in ("img2img", "inpaint") else None,
+            "strength": req.strength if req.mode in ("img2img", "inpaint") and not r.controls else None,
             "init_image_sha256": init_sha,
             "batch_size": req.batch_size,
             "batch_count": req.batch_count,

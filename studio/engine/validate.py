@@ -19,6 +19,7 @@ from studio.engine.limits import (
     HIRES_VAE_TILING_PIXELS,
     IMAGE_MODES,
     LIMITS,
+    MAX_CONTROLNETS,
     MAX_IMAGES,
     MAX_LORAS,
     MAX_PROMPT_CHARS,
@@ -252,6 +253,100 @@ def _check_hires(req: GenerationRequest, steps: int, width: int, height: int, li
                      vae_tiling=w2 * h2 > HIRES_VAE_TILING_PIXELS)
 
 
+def _control_units(req: GenerationRequest) -> list[dict]:
+    """The request's control units as dicts: its own control_* fields (when it has a control
+    image or names a ControlNet), then each of ``controls``."""
+    from studio.engine.request import CONTROL_KEYS
+
+    units = []
+    if req.control_image is not None or req.controlnet not in (None, "") or req.control_type == "inpaint":
+        units.append({k: getattr(req, k) for k in CONTROL_KEYS})
+    extra = req.controls or []
+    if not isinstance(extra, (list, tuple)) or not all(isinstance(u, dict) for u in extra):
+        raise ValidationError("controls must be a list of control units (dicts with control_image, control_type, "
+                              "controlnet, control_scale, …).", "controls")
+    for u in extra:
+        unknown = sorted(set(u) - set(CONTROL_KEYS))
+        if unknown:
+            raise ValidationError(f"Unknown control setting {str(unknown[0])[:40]!r}; a unit takes: "
+                                  f"{', '.join(CONTROL_KEYS)}.", "controls")
+        units.append({k: u.get(k) for k in CONTROL_KEYS})
+    return units
+
+
+def _check_controls(req: GenerationRequest, variant: Variant, images: bool) -> list:
+    """The request's ControlNets as checked ControlUnits (the nets themselves load in
+    ``Engine.prepare``): types, catalog pairs, preprocessor settings, scales, start/end and the
+    control images (header first, as init images)."""
+    from studio.control_catalog import CONTROL_TYPES, CONTROLNETS, PREPROCESSORS, check_pair
+    from studio.engine.control import ControlSettings, load_control_image
+    from studio.engine.request import ControlUnit
+
+    units = _control_units(req)
+    if not units:
+        return []
+    if len(units) > MAX_CONTROLNETS:
+        raise ValidationError(f"{len(units)} ControlNets were given; at most {MAX_CONTROLNETS} run together.",
+                              "controls")
+    if req.mode == "img2img":
+        raise ValidationError("ControlNets run in txt2img, Turbo and inpaint (diffusers has no ControlNet img2img "
+                              "for SD3): generate with the control image in txt2img instead.", "controlnet")
+    out = []
+    for i, u in enumerate(units):
+        where = "" if len(units) == 1 else f" (ControlNet {i + 1})"
+        source = u["controlnet"] if u["controlnet"] not in (None, "") else None
+        if source is not None and not isinstance(source, str):
+            raise ValidationError("controlnet is a name: a catalog id, a Hub id, a folder or a .safetensors file.",
+                                  "controlnet")
+        source = source.strip() if source else None
+        entry = check_pair(source, variant.name) if source in CONTROLNETS else None
+        kind = u["control_type"] if u["control_type"] not in (None, "") else (entry.control_type if entry else "canny")
+        if kind not in CONTROL_TYPES:
+            raise ValidationError(f"Unknown control type {str(kind)[:40]!r}{where}; use one of "
+                                  f"{', '.join(CONTROL_TYPES)}.", "control_type")
+        if entry is not None and entry.control_type != kind:
+            raise ValidationError(f"{entry.id} is a {entry.control_type} ControlNet, not {kind}{where}: set the "
+                                  f"control type to {entry.control_type}, or pick a {kind} ControlNet.", "control_type")
+        if kind == "inpaint" and req.mode != "inpaint":
+            raise ValidationError("An inpainting ControlNet repaints a masked image: use inpaint mode, with the "
+                                  "image and its mask.", "control_type")
+        if req.mode == "inpaint" and kind != "inpaint":
+            raise ValidationError("Inpaint with a ControlNet needs an inpainting ControlNet (control type inpaint, "
+                                  "e.g. sd3-medium-inpaint on SD3 Medium); other ControlNets run in txt2img.",
+                                  "control_type")
+        if kind == "inpaint" and len(units) > 1:
+            raise ValidationError("The inpainting ControlNet runs alone: remove the other ControlNets.", "controls")
+        preprocess = u["preprocess"] if u["preprocess"] not in (None, "") else (
+            entry.preprocessor if entry else (kind if kind in PREPROCESSORS else "none"))
+        if kind == "inpaint":
+            preprocess = "none"
+
+        def number(name):
+            return LIMITS[name].default if u[name] is None else check_number(name, u[name])
+
+        settings = ControlSettings(preprocess, number("canny_low"), number("canny_high"), number("blur_radius"),
+                                   None if u["control_invert"] is None else bool(u["control_invert"]),
+                                   u["control_resize"] or "crop").checked()
+        scale = None if u["control_scale"] is None else check_number("control_scale", u["control_scale"])
+        if scale is None and entry is not None:
+            scale = entry.scale
+        start = (entry.start if entry else LIMITS["control_start"].default) if u["control_start"] is None \
+            else check_number("control_start", u["control_start"])
+        end = (entry.end if entry else LIMITS["control_end"].default) if u["control_end"] is None \
+            else check_number("control_end", u["control_end"])
+        if start >= end:
+            raise ValidationError(f"Control start ({start:g}) must be before control end ({end:g}){where}.",
+                                  "control_start")
+        image = None
+        if kind != "inpaint" and images:
+            if u["control_image"] is None:
+                raise ValidationError(f"A ControlNet needs a control image{where}: upload the picture (or the "
+                                      "ready map, with preprocessor none).", "control_image")
+            image = load_control_image(u["control_image"])
+        out.append(ControlUnit(kind, source, entry, settings, scale, start, end, image))
+    return out
+
+
 def validate(req: GenerationRequest, variant: Variant, max_side: int = MAX_SIDE,
              native_size: tuple[int, int] = (1024, 1024), images: bool = True, styles=None) -> Resolved:
     """Check a request against a variant and the loaded model's limits; fill in defaults.
@@ -347,11 +442,14 @@ def validate(req: GenerationRequest, variant: Variant, max_side: int = MAX_SIDE,
         )
 
     hires = _check_hires(req, steps, width, height, limit, notes)
+    controls = _check_controls(req, variant, images)
 
     slg = None
     want_slg = variant.slg.recommended if req.slg is None else bool(req.slg)
     if want_slg:
-        if req.mode != "txt2img":
+        if controls:
+            notes.append("Skip Layer Guidance is off with a ControlNet (diffusers' ControlNet pipelines have none).")
+        elif req.mode != "txt2img":
             if req.slg:
                 notes.append("Skip Layer Guidance runs in txt2img only; it was left off.")
         elif guidance <= 1.0:
@@ -378,4 +476,4 @@ def validate(req: GenerationRequest, variant: Variant, max_side: int = MAX_SIDE,
                   **({"strength": strength} if strength is not None else {}))
     return Resolved(req, variant, width, height, steps, guidance, seed, slg, shift, init_image, notes,
                     mask=mask, inpaint_plan=inpaint_plan, loras=loras, sampler=sampler, schedule=schedule,
-                    prompt=prompt, negative_prompt=negative, hires=hires)
+                    prompt=prompt, negative_prompt=negative, hires=hires, controls=controls)

@@ -91,6 +91,12 @@ _WIDGETS = {
     "SkipLayerGuidanceDiT": ["double_layers", "single_layers", "scale", "start_percent", "end_percent",
                              "rescaling_scale"],
     "TripleCLIPLoader": ["clip_name1", "clip_name2", "clip_name3"],
+    # ControlNet (comfy nodes.py, comfy_extras/nodes_sd3.py, nodes_canny.py)
+    "ControlNetLoader": ["control_net_name"],
+    "ControlNetApply": ["strength"],
+    "ControlNetApplyAdvanced": ["strength", "start_percent", "end_percent"],
+    "ControlNetApplySD3": ["strength", "start_percent", "end_percent"],
+    "Canny": ["low_threshold", "high_threshold"],
 }
 _MAX_NODES = 5000
 
@@ -292,7 +298,68 @@ def comfyui_fields(prompt_text: str | None, workflow_text: str | None) -> dict[s
                     fields["variant"] = v
     if loras:
         fields["loras"] = loras
+    units = _controlnets(graph, _find_input_link(graph, sampler, "positive"))
+    if units:
+        fields["controlnets"] = units
     return fields
+
+
+_CONTROL_APPLY = ("ControlNetApply", "ControlNetApplyAdvanced", "ControlNetApplySD3")
+
+
+def _controlnets(graph: dict, positive: Any) -> list[dict]:
+    """ComfyUI's ControlNet nodes on the sampler's positive conditioning, nearest first reversed
+    (the order they were applied): each apply node's strength and start/end percent, the
+    ControlNetLoader's file (a catalog id when it is one of the catalog's files) and the
+    preprocessor its image comes from (Canny's thresholds are fractions: ×255). The control image
+    itself is not in the PNG."""
+    from studio.control_catalog import CONTROLNETS
+
+    found = []
+    for node in _upstream(graph, positive, lambda _n: False):
+        ctype = str(node.get("class_type"))
+        if ctype not in _CONTROL_APPLY:
+            continue
+        inputs = node.get("inputs") or {}
+        unit: dict[str, Any] = {}
+        for key, src in (("scale", "strength"), ("start", "start_percent"), ("end", "end_percent")):
+            value = _resolve(graph, inputs.get(src))
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                unit[key] = float(value)
+        for loader in _upstream(graph, inputs.get("control_net"), lambda _n: False):
+            name = _resolve(graph, (loader.get("inputs") or {}).get("control_net_name"))
+            if isinstance(name, str):
+                stem = name.replace("\\", "/").rsplit("/", 1)[-1]
+                entry = next((e for e in CONTROLNETS.values() if e.single_file and e.single_file.lower() == stem.lower()
+                              or stem.lower().startswith(e.repo_id.rsplit("/", 1)[-1].lower())), None)
+                unit["name"] = entry.id if entry else stem
+                if entry:
+                    unit["type"] = entry.control_type
+                break
+        unit["preprocess"] = "none"
+        for pre in _upstream(graph, inputs.get("image"), lambda n: "LoadImage" in str(n.get("class_type"))):
+            pinputs = pre.get("inputs") or {}
+            pclass = str(pre.get("class_type"))
+            if pclass == "Canny":
+                unit["preprocess"] = "canny"
+                for key, src in (("canny_low", "low_threshold"), ("canny_high", "high_threshold")):
+                    value = _resolve(graph, pinputs.get(src))
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        unit[key] = int(round(float(value) * 255)) if value <= 1 else int(value)
+                break
+            if "Depth" in pclass:
+                unit["preprocess"] = "depth"
+                break
+            if pclass == "ImageBlur":
+                unit["preprocess"] = "blur"
+                value = _resolve(graph, pinputs.get("blur_radius"))
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    unit["blur_radius"] = float(value)
+                break
+        if unit["preprocess"] != "none":
+            unit.setdefault("type", unit["preprocess"])
+        found.append(unit)
+    return list(reversed(found))
 
 
 def _find_input_link(graph: dict, sampler: dict, name: str) -> Any:

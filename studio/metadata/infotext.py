@@ -471,6 +471,81 @@ HASH_PARAMS: tuple[Param, ...] = (
     Param("Lora hashes", ("lora_hashes",), _write_lora_hashes, _read_lora_hashes),
 )
 
+# ControlNet, as Forge writes each unit: ControlNet 0: "Module: canny, Model: name [hash], Weight: 0.7,
+# Resize Mode: Crop and Resize, Threshold A: 100, Threshold B: 200, Guidance Start: 0.0, Guidance End: 1.0"
+_CONTROL_KEY = re.compile(r"ControlNet \d+")
+_MODULES = {"canny": "canny", "depth": "depth_anything_v2", "blur": "blur_gaussian", "none": "None"}
+_RESIZE = {"crop": "Crop and Resize", "stretch": "Just Resize"}
+
+
+def _num_text(value: Any) -> str:
+    return f"{float(value):g}"
+
+
+def _write_controlnets(meta: dict) -> list[tuple[str, str]]:
+    units = meta.get("controlnets")
+    out = []
+    for i, u in enumerate(units if isinstance(units, list) else ()):
+        if not isinstance(u, dict) or not u.get("name"):
+            continue
+        model = str(u["name"]).replace(",", " ").replace(":", " ")
+        if u.get("hash"):
+            model += f" [{u['hash']}]"
+        parts = [f"Module: {_MODULES.get(u.get('preprocess'), 'None')}", f"Model: {model}"]
+        if u.get("scale") is not None:
+            parts.append(f"Weight: {_num_text(u['scale'])}")
+        parts.append(f"Resize Mode: {_RESIZE.get(u.get('resize'), 'Crop and Resize')}")
+        if u.get("preprocess") == "canny":
+            parts += [f"Threshold A: {int(u.get('canny_low', 100))}", f"Threshold B: {int(u.get('canny_high', 200))}"]
+        elif u.get("preprocess") == "blur" and u.get("blur_radius") is not None:
+            parts.append(f"Threshold A: {_num_text(u['blur_radius'])}")
+        for key, name in (("start", "Guidance Start"), ("end", "Guidance End")):
+            if u.get(key) is not None:
+                parts.append(f"{name}: {_num_text(u[key])}")
+        out.append((f"ControlNet {i}", ", ".join(parts)))
+    return out
+
+
+def _read_controlnet(text: str) -> dict[str, Any]:
+    """One Forge/A1111 ControlNet unit → the studio's ``controlnets`` item (type from the module,
+    or from the catalog entry the model name matches)."""
+    from studio.control_catalog import CONTROLNETS
+
+    raw = {k.strip().lower(): unquote(v.strip()) for k, v in parse_param_line(text)}
+    if "model" not in raw and "module" not in raw:
+        raise ValueError(f"not a ControlNet unit: {text[:60]!r}")
+    item: dict[str, Any] = {}
+    model = raw.get("model", "")
+    m = re.fullmatch(r"(.*?)\s*\[([0-9a-fA-F]{8,64})\]\s*", model)
+    name, digest = (m.group(1), m.group(2).lower()) if m else (model.strip(), None)
+    norm = _norm_name(re.sub(r"\.safetensors$", "", name, flags=re.I))
+    entry = next((e for e in CONTROLNETS.values() if norm and norm in (
+        _norm_name(e.id), _norm_name(e.repo_id.split("/")[-1]), _norm_name((e.single_file or "").rsplit(".", 1)[0]))),
+        None)
+    if name and name.lower() != "none":
+        item["name"] = entry.id if entry else name
+    if digest:
+        item["hash"] = digest
+    module = raw.get("module", "None").lower()
+    preprocess = "canny" if module.startswith("canny") else "depth" if module.startswith("depth") else \
+        "blur" if module.startswith("blur") else "none"
+    item["preprocess"] = preprocess
+    kind = entry.control_type if entry else (preprocess if preprocess != "none" else None)
+    if kind:
+        item["type"] = kind
+    for key, field in (("weight", "scale"), ("guidance start", "start"), ("guidance end", "end")):
+        if key in raw:
+            item[field] = _to_float(raw[key])
+    item["resize"] = "stretch" if raw.get("resize mode", "").lower() == "just resize" else "crop"
+    if preprocess == "canny":
+        for key, field in (("threshold a", "canny_low"), ("threshold b", "canny_high")):
+            if key in raw:
+                item[field] = int(_to_float(raw[key]))
+    elif preprocess == "blur" and "threshold a" in raw:
+        item["blur_radius"] = _to_float(raw["threshold a"])
+    return item
+
+
 _PARAM_BY_KEY: dict[str, Param] = {}
 for _p in (*PARAMS, *INPAINT_PARAMS, *HIRES_PARAMS, *UPSCALE_PARAMS, *HASH_PARAMS):
     for _k in (_p.key, *_p.aliases):
@@ -501,6 +576,12 @@ def to_infotext(meta: dict) -> str:
         if value is not None and value != "":
             parts.append(f"{param.key}: {quote(value)}")
             written.add(param.key)
+    try:
+        for key, value in _write_controlnets(meta):
+            parts.append(f"{key}: {quote(value)}")
+            written.add(key)
+    except (TypeError, ValueError, OverflowError):
+        pass  # a malformed unit is left out rather than failing the whole image
     loras = [d for d in meta.get("loras") or () if isinstance(d, dict) and d.get("name")]
     extras = meta.get("extra_params")
     if isinstance(extras, dict):  # keys read from a foreign infotext, written back unchanged
@@ -508,6 +589,7 @@ def to_infotext(meta: dict) -> str:
             if (
                 key not in written
                 and key not in _PARAM_BY_KEY
+                and not _CONTROL_KEY.fullmatch(str(key))
                 and key not in ("Prompt", "Negative prompt")
                 and re.fullmatch(r"\w[\w \-/]+", str(key))
                 and value not in (None, "")
@@ -536,7 +618,14 @@ def infotext_to_fields(params: dict[str, Any]) -> dict[str, Any]:
         "negative_prompt": str(params.pop("Negative prompt", "") or ""),
     }
     extras: dict[str, str] = {}
+    units: list[tuple[int, dict]] = []
     for key, value in params.items():
+        if _CONTROL_KEY.fullmatch(key):
+            try:
+                units.append((int(key.split()[1]), _read_controlnet(str(value))))
+                continue
+            except (ValueError, TypeError, OverflowError):
+                pass  # kept as text below
         param = _PARAM_BY_KEY.get(key)
         if param is None:
             extras[key] = value
@@ -549,6 +638,8 @@ def infotext_to_fields(params: dict[str, Any]) -> dict[str, Any]:
             extras[key] = value
         for name, v in values.items():
             _set_dotted(fields, name, v)
+    if units:
+        fields["controlnets"] = [u for _, u in sorted(units, key=lambda x: x[0])]
     if fields.get("hires_scale") is not None:  # a hires fix: its Denoising strength is the second pass's
         if fields.get("strength") is not None:
             fields["hires_denoise"] = fields.pop("strength")

@@ -24,7 +24,7 @@ MAX_LIST = 64  # items of one list field read from outside
 @dataclass(frozen=True)
 class Field:
     name: str
-    kind: str  # "str" | "int" | "float" | "bool" | "sha256" | "hex" | "slg" | "loras" | "box" | "text_map" | "hash_map" | "dict" | "str_list" | "upscaler"
+    kind: str  # "str" | "int" | "float" | "bool" | "sha256" | "hex" | "slg" | "loras" | "box" | "text_map" | "hash_map" | "dict" | "str_list" | "upscaler" | "controlnets" | "controls"
     doc: str
     request: bool = False  # a GenerationRequest field ("reuse parameters" sets it)
 
@@ -80,6 +80,10 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("upscale_upscaler", "str", "what upscaled it from the parent image (A1111's 'Postprocess upscaler')"),
     Field("source_size", "box", "the size of the image it was upscaled from"),
     Field("parent_image_id", "str", "the gallery id of the image it was upscaled from (shown, never opened)"),
+    Field("controlnets", "controlnets", "[{name, sha256, hash, type, preprocess, resize, canny_low, canny_high, "
+                                        "blur_radius, invert, scale, start, end, control_image_sha256}]"),
+    Field("controls", "controls", "the control units reuse sets (no images: those come by the gallery id; "
+                                  "controlnet only as a catalog id)", True),
     Field("studio_version", "str", "the studio version that wrote the image"),
     Field("created_at", "str", "ISO time"),
     Field("batch_index", "int", "run index in the batch"),
@@ -189,6 +193,62 @@ def _upscaler(v):
     return out
 
 
+_CONTROL_NUMBERS = {"scale": _float, "start": _float, "end": _float, "canny_low": _int, "canny_high": _int,
+                    "blur_radius": _float}
+_CONTROL_TEXT = ("name", "type", "preprocess", "resize")
+
+
+def _controlnets(v):
+    """The ControlNets an image was made with, as the engine records them."""
+    if not isinstance(v, list):
+        return None
+    out = []
+    for d in v[:MAX_LIST]:
+        if not isinstance(d, dict):
+            continue
+        item: dict[str, Any] = {k: d[k][:200] for k in _CONTROL_TEXT if isinstance(d.get(k), str)}
+        for k, conv in _CONTROL_NUMBERS.items():
+            if conv(d.get(k)) is not None:
+                item[k] = conv(d[k])
+        if isinstance(d.get("invert"), bool):
+            item["invert"] = d["invert"]
+        for k in ("sha256", "control_image_sha256"):
+            if isinstance(d.get(k), str) and SHA256_RE.match(d[k]):
+                item[k] = d[k]
+        if _hex(d.get("hash")):
+            item["hash"] = _hex(d["hash"])
+        out.append(item)
+    return out
+
+
+def _controls(v):
+    """Control units for a request, from outside: settings only. No image (a request's control
+    image is an upload, or a stored one found by the gallery id), and a ControlNet only by its
+    catalog id — never a path or a Hub id read from a file."""
+    from studio.control_catalog import CONTROLNETS
+
+    if not isinstance(v, list):
+        return None
+    out = []
+    for d in v[:MAX_LIST]:
+        if not isinstance(d, dict):
+            continue
+        item: dict[str, Any] = {}
+        for k in ("control_type", "preprocess", "control_resize"):
+            if isinstance(d.get(k), str):
+                item[k] = d[k][:40]
+        if isinstance(d.get("controlnet"), str) and d["controlnet"] in CONTROLNETS:
+            item["controlnet"] = d["controlnet"]
+        for k, conv in (("control_scale", _float), ("control_start", _float), ("control_end", _float),
+                        ("canny_low", _int), ("canny_high", _int), ("blur_radius", _float)):
+            if conv(d.get(k)) is not None:
+                item[k] = conv(d[k])
+        if isinstance(d.get("control_invert"), bool):
+            item["control_invert"] = d["control_invert"]
+        out.append(item)
+    return out
+
+
 def _str_list(v):
     if not isinstance(v, list):
         return None
@@ -207,7 +267,7 @@ _CLEAN = {
     "sha256": lambda v: v if isinstance(v, str) and SHA256_RE.match(v) else None,
     "hex": _hex, "hash_map": _hash_map,
     "slg": _slg, "loras": _loras, "box": _box, "text_map": _text_map, "dict": _dict, "str_list": _str_list,
-    "upscaler": _upscaler,
+    "upscaler": _upscaler, "controlnets": _controlnets, "controls": _controls,
 }
 
 

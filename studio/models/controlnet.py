@@ -71,7 +71,9 @@ class ControlNetSource:
     def name(self) -> str:
         if self.entry:
             return self.entry.id
-        return self.ref if self.kind == "hub" else Path(self.ref).stem
+        if self.kind == "hub":
+            return self.ref
+        return Path(self.ref).name if self.kind == "folder" else Path(self.ref).stem  # a folder keeps its dots
 
 
 def parse_controlnet_source(spec: str) -> ControlNetSource:

@@ -31,6 +31,7 @@ from studio.logs import quiet_libraries
 from studio.models.identity import HashCache
 from studio.models.lora import LoraLibrary
 from studio.models.placement import Placement, default_placement
+from studio.models.controlnet import ControlNetLibrary
 from studio.models.upscalers import UpscalerLibrary
 from studio.models.sources import PICKLE_SUFFIXES, ModelSource, ProgressFn, download, short_error, missing_weights_message, parse_source
 
@@ -105,6 +106,9 @@ class ModelManager:
         self._inpaint = None
         self.loras = LoraLibrary(config.loras_dir, self.hashes)
         self.upscalers = UpscalerLibrary(config.upscalers_dir, hashes=self.hashes)
+        self.controlnets = ControlNetLibrary(self.hashes, progress=progress)
+        self._controlnet_pipe = None  # (loaded, net shas, inpaint, pipeline): rebuilt after a load
+        self._demo_controlnets: dict[str, Path] = {}
         if config.demo:  # the demo's tiny ESRGAN (random weights, 0.9 MB), so upscaling works offline
             from studio.demo.upscaler import TINY_UPSCALER_NAME, build_tiny_upscaler
 
@@ -193,6 +197,7 @@ class ModelManager:
             self.current = loaded
             self._img2img = None
             self._inpaint = None
+            self._controlnet_pipe = None
             self._trim_cache()
             return loaded
 
@@ -338,6 +343,8 @@ class ModelManager:
             self.current = None
             self._img2img = None
             self._inpaint = None
+            self._controlnet_pipe = None
+            self.controlnets.clear()
             self._components.clear()
             self._sizes.clear()
             free_memory()
@@ -372,6 +379,49 @@ class ModelManager:
             if self._inpaint is None or self._inpaint[0] is not loaded:
                 self._inpaint = (loaded, _sibling(StableDiffusion3InpaintPipeline, loaded.pipe))
             return self._inpaint[1]
+
+    # -- ControlNet --
+
+    def default_controlnet(self, loaded: LoadedModel, control_type: str) -> str | None:
+        """What a request that names no ControlNet uses: the catalog's for the variant and type
+        (None when it has none); in demo mode the tiny ControlNet of the loaded base, for any type
+        but inpaint (built offline on first use, studio.demo.controlnet)."""
+        from studio.control_catalog import default_controlnet
+
+        if self.config.demo and loaded.is_tiny:
+            if control_type == "inpaint":
+                return None
+            name = loaded.variant.name
+            with self.lock:
+                if name not in self._demo_controlnets:
+                    from studio.demo.controlnet import build_tiny_controlnets
+
+                    built = build_tiny_controlnets(self.config.tiny_dir / "controlnets", {name: Path(loaded.source.ref)})
+                    self._demo_controlnets[name] = built[name]
+                return str(self._demo_controlnets[name])
+        entry = default_controlnet(loaded.variant.name, control_type)
+        return entry.id if entry else None
+
+    def controlnet(self, loaded: LoadedModel, spec: str, progress: ProgressFn | None = None):
+        """A ControlNet (LoadedControlNet) for the loaded model, in its dtype, from the RAM cache
+        when the same content was loaded before. Raises ModelError (download, files)."""
+        return self.controlnets.get(spec, loaded.dtype, base_config=dict(loaded.pipe.transformer.config),
+                                    progress=progress or self.progress)
+
+    def controlnet_pipeline(self, loaded: LoadedModel, nets, inpaint: bool = False):
+        """The ControlNet (or ControlNet inpainting) pipeline over the loaded pipeline's own
+        components and ``nets``; kept for the next request with the same nets, rebuilt after a
+        load."""
+        from studio.models.controlnet import pipeline_for
+
+        key = (tuple(n.sha256 for n in nets), bool(inpaint))
+        with self.lock:
+            cached = self._controlnet_pipe
+            if cached is not None and cached[0] is loaded and cached[1] == key:
+                return cached[2]
+            pipe = pipeline_for(loaded.pipe, list(nets), loaded.dtype, inpaint=inpaint)
+            self._controlnet_pipe = (loaded, key, pipe)
+            return pipe
 
     # -- LoRA --
 

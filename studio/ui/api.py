@@ -12,6 +12,7 @@ from __future__ import annotations
 import gradio as gr
 
 from studio.catalog import VARIANTS
+from studio.control_catalog import CONTROL_TYPES, CONTROLNETS, PREPROCESSORS
 from studio.engine.limits import LIMITS, MODES
 from studio.engine.request import build_request
 from studio.engine.samplers import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES
@@ -36,6 +37,7 @@ def _result(res):
 
 def _generate(ctx, mode: str, fields: dict, request, progress):
     req = call(build_request, {**fields, "variant": ctx.variant_for_request() if mode != "turbo" else None}, mode)
+    call(ctx.studio.check_controlnet_sources, req)  # shared deployments: catalog ControlNets only
     res = ctx.jobs.run(req, request, progress)
     if res.images and mode != "turbo":
         ctx.remember(res.images[0].metadata.get("variant"))
@@ -141,6 +143,30 @@ def _generation_endpoints(ctx, out):
             **_hires(hires_scale, hires_steps, hires_denoise, hires_upscaler, hires_variant)),
             request, progress)
 
+    def controlnet(prompt, negative_prompt=None, width=None, height=None, steps=None, guidance=None, seed=None,
+                   batch_count=None, batch_size=None, slg=None, max_sequence_length=None, shift=None, loras=None,
+                   sampler=None, schedule=None, prompt_3=None, negative_prompt_3=None, styles=None,
+                   prompt_weighting=None, emphasis=None, hires_scale=None, hires_steps=None, hires_denoise=None,
+                   hires_upscaler=None, hires_variant=None, control_image=None, control_type=None, controlnet=None,
+                   control_scale=None, control_start=None, control_end=None, preprocess=None, canny_low=None,
+                   canny_high=None, blur_radius=None, image=None, mask=None, request: gr.Request = None,
+                   progress=gr.Progress()):
+        """Text to image steered by a ControlNet: the txt2img inputs plus the control image, its type
+        (canny, depth, blur, pose, tile; inpaint with image + mask), the ControlNet (a catalog id; none:
+        the catalog's for the model), its scale, start and end, and the preprocessor (canny, depth, blur
+        or none for a ready map) with its settings. Returns (PNG files, seed, info)."""
+        mode = "inpaint" if control_type == "inpaint" or mask else "txt2img"
+        return _generate(ctx, mode, dict(
+            prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
+            guidance=guidance, seed=seed, batch_count=batch_count, batch_size=batch_size, slg=slg,
+            max_sequence_length=max_sequence_length, shift=shift, loras=loras,
+            **_sampling(sampler, schedule, prompt_3, negative_prompt_3, styles, prompt_weighting, emphasis),
+            **_hires(hires_scale, hires_steps, hires_denoise, hires_upscaler, hires_variant),
+            control_image=control_image, control_type=control_type or None, controlnet=controlnet or None,
+            control_scale=control_scale, control_start=control_start, control_end=control_end,
+            preprocess=preprocess or None, canny_low=canny_low, canny_high=canny_high, blur_radius=blur_radius,
+            init_image=image, mask_image=mask), request, progress)
+
     def common(_mode, negative=True):
         parts = [gr.Textbox(label="prompt")]
         if negative:
@@ -173,8 +199,19 @@ def _generation_endpoints(ctx, out):
                     *_sampling_inputs(studio)],
         "turbo": [*common("turbo", negative=False), *sizes_steps("turbo", guidance=False),
                   *_sampling_inputs(studio, negative=False), *_hires_inputs(studio, "turbo")],
+        "controlnet": [*common("txt2img"), *sizes_steps("txt2img"),
+                       gr.Dropdown(SLG_CHOICES, value="auto", label="slg"), *tail("txt2img"),
+                       *_sampling_inputs(studio), *_hires_inputs(studio, "txt2img"), image("control_image"),
+                       gr.Dropdown(["", *CONTROL_TYPES], value="", allow_custom_value=True, label="control_type",
+                                   info="'': the ControlNet's type, else canny"),
+                       gr.Dropdown(["", *CONTROLNETS], value="", allow_custom_value=True, label="controlnet",
+                                   info="a catalog id ('': the catalog's for the model and type)"),
+                       _num("control_scale"), _num("control_start"), _num("control_end"),
+                       gr.Dropdown(["", *PREPROCESSORS], value="", allow_custom_value=True, label="preprocess",
+                                   info="'': the ControlNet's; none: the control image is the map"),
+                       _num("canny_low"), _num("canny_high"), _num("blur_radius"), image("image"), image("mask")],
     }
-    fns = {"txt2img": txt2img, "img2img": img2img, "inpaint": inpaint, "turbo": turbo}
+    fns = {"txt2img": txt2img, "img2img": img2img, "inpaint": inpaint, "turbo": turbo, "controlnet": controlnet}
     gen_out = [gr.File(file_count="multiple", label="images"), gr.Number(label="seed_used", precision=0),
                gr.Textbox(label="info")]
     for name, fn in fns.items():
@@ -244,6 +281,35 @@ def _prompt_endpoints(ctx, out):
                       gr.Textbox("", label="prompt_3"), gr.Checkbox(True, label="prompt_weighting")],
         gr.Textbox(label="count"), api_name="token_count", **kw)
     out["styles"].click(styles, None, gr.JSON(label="styles"), api_name="styles", **kw)
+
+
+def _control_endpoints(ctx, out):
+    """/control_preview, /list_controlnets."""
+    studio = ctx.studio
+
+    def control_preview(control_image=None, control_type=None, controlnet=None, preprocess=None, canny_low=None,
+                        canny_high=None, blur_radius=None, width=None, height=None):
+        """The control map a ControlNet will read of an image (fitted to the size, preprocessed, in the
+        model's polarity), as the generation would compute it. Returns the map as an image."""
+        return call(studio.control_preview, control_image, control_type or None, controlnet or None,
+                    preprocess or None, canny_low, canny_high, blur_radius, None, None, width, height)
+
+    def list_controlnets(variant=None, control_type=None):
+        """The ControlNets that fit a variant ('': the loaded one), optionally of one type:
+        [{id, label, control_type, preprocessor, scale, start, end, steps, guidance, notes}]."""
+        return call(studio.controlnets_for, variant or None, control_type or None)
+
+    gpu_event(out["control_preview"].click, control_preview,
+              [gr.File(None, type="filepath", file_types=["image"], label="control_image"),
+               gr.Dropdown(["", *CONTROL_TYPES], value="", allow_custom_value=True, label="control_type"),
+               gr.Dropdown(["", *CONTROLNETS], value="", allow_custom_value=True, label="controlnet"),
+               gr.Dropdown(["", *PREPROCESSORS], value="", allow_custom_value=True, label="preprocess"),
+               _num("canny_low"), _num("canny_high"), _num("blur_radius"), _num("width"), _num("height")],
+              gr.Image(type="pil", format="png", label="map"), api_name="control_preview")
+    out["list_controlnets"].click(
+        list_controlnets, [gr.Dropdown([""] + list(VARIANTS), value="", label="variant"),
+                           gr.Dropdown(["", *CONTROL_TYPES], value="", label="control_type")],
+        gr.JSON(label="controlnets"), api_name="list_controlnets", concurrency_limit=None)
 
 
 def _upscale_endpoints(ctx, out):
@@ -371,7 +437,8 @@ def _gallery_endpoints(ctx, out):
 
 ENDPOINTS = ("txt2img", "img2img", "turbo", "inpaint", "load_model", "load_lora", "list_loras", "gallery_list",
              "gallery_get", "gallery_star", "gallery_delete", "gallery_mask", "read_png_info", "token_count",
-             "styles", "upscale", "list_upscalers", "load_upscaler")
+             "styles", "upscale", "list_upscalers", "load_upscaler", "controlnet", "control_preview",
+             "list_controlnets")
 
 
 def register(ctx) -> None:
@@ -383,3 +450,4 @@ def register(ctx) -> None:
         _gallery_endpoints(ctx, triggers)
         _prompt_endpoints(ctx, triggers)
         _upscale_endpoints(ctx, triggers)
+        _control_endpoints(ctx, triggers)
