@@ -265,8 +265,8 @@ class GenerationResult:
         m = self.images[0].metadata
         if m.get("mode") == "upscale":  # Studio.upscale: no generation ran
             source = m.get("source_size") or ["?", "?"]
-            lines = [f"Upscaled {source[0]}×{source[1]} by {m.get('upscale_scale')} with {m.get('upscale_upscaler')}: "
-                     f"{m['width']}×{m['height']}, {self.timings.get('total_s', 0):.1f}s"]
+            lines = [(f"Upscaled {source[0]}×{source[1]} by {m.get('upscale_scale')} with {m.get('upscale_upscaler')}: "
+                      f"{m['width']}×{m['height']}, {self.timings.get('total_s', 0):.1f}s")]
         else:
             lines = [
                 f"{len(self.images)} image(s), {m['width']}×{m['height']}, {m['steps']} steps, "

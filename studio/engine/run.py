@@ -48,10 +48,9 @@ class Engine:
 
     def prepare(self, req: GenerationRequest, loaded) -> Resolved:
         """Validate ``req`` against the loaded model and resolve its LoRA names to files."""
-        from studio.models.lora import LoraError
-
         from studio.engine.limits import MAX_CLIP_CHUNKS
         from studio.engine.tokens import count_for
+        from studio.models.lora import LoraError
 
         resolved = validate(req, loaded.variant, loaded.max_side, loaded.native_size, styles=self.styles)
         req = resolved.request

@@ -321,8 +321,8 @@ def _check_controls(req: GenerationRequest, variant: Variant, images: bool) -> l
         if kind == "inpaint":
             preprocess = "none"
 
-        def number(name):
-            return LIMITS[name].default if u[name] is None else check_number(name, u[name])
+        def number(name, unit=u):
+            return LIMITS[name].default if unit[name] is None else check_number(name, unit[name])
 
         settings = ControlSettings(preprocess, number("canny_low"), number("canny_high"), number("blur_radius"),
                                    None if u["control_invert"] is None else bool(u["control_invert"]),

@@ -28,10 +28,10 @@ from studio.config import StudioConfig
 from studio.demo.tiny import build_tiny_family, tiny_variant_of
 from studio.errors import ModelError
 from studio.logs import quiet_libraries
+from studio.models.controlnet import ControlNetLibrary
 from studio.models.identity import HashCache
 from studio.models.lora import LoraLibrary
 from studio.models.placement import Placement, default_placement
-from studio.models.controlnet import ControlNetLibrary
 from studio.models.upscalers import UpscalerLibrary
 from studio.models.sources import PICKLE_SUFFIXES, ModelSource, ProgressFn, download, short_error, missing_weights_message, parse_source
 
