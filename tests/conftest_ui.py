@@ -55,8 +55,9 @@ def open_studio(page, url: str):
     from playwright.sync_api import expect
 
     page.set_default_timeout(BROWSER_TIMEOUT_MS)
+    expect.set_options(timeout=20_000)  # assertions too: a queued handler can take seconds on a busy CPU
     page.goto(url)
-    expect(page.locator("#txt2img-generate")).to_be_visible()
+    expect(page.locator("#txt2img-generate")).to_be_visible(timeout=BROWSER_TIMEOUT_MS)  # a busy CPU is slow
     return page
 
 
@@ -64,3 +65,35 @@ def set_number(page, elem_id: str, value) -> None:
     box = page.locator(f"#{elem_id} input[type=number]")
     box.fill(str(value))
     box.press("Tab")
+
+
+def open_tab(page, name: str) -> None:
+    """Open a tab by its label; on a narrow screen Gradio moves the tabs that do not fit into a
+    "More tabs" menu, so the tab is picked from there."""
+    tab = page.locator("#sd-tabs [role=tablist]").get_by_role("tab", name=name, exact=True)
+    if tab.count() and tab.first.is_visible():
+        tab.first.click()
+        return
+    page.locator("#sd-tabs .overflow-menu > button").click()
+    page.locator("#sd-tabs .overflow-dropdown").get_by_role("button", name=name, exact=True).click()
+
+
+def screenshot_dir():
+    """Where the browser suites save screenshots: $STUDIO_SCREENSHOTS, else $OUT/screenshots, else
+    tests/screenshots (git-ignored)."""
+    import os
+    from pathlib import Path
+
+    folder = os.environ.get("STUDIO_SCREENSHOTS") or (
+        str(Path(os.environ["OUT"]) / "screenshots") if os.environ.get("OUT") else None)
+    path = Path(folder) if folder else Path(__file__).resolve().parent / "screenshots"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def boxes(page, selector: str) -> list[dict]:
+    """The bounding boxes of every element matching ``selector`` (page coordinates)."""
+    return page.eval_on_selector_all(selector, """els => els.map(e => {
+        const r = e.getBoundingClientRect();
+        return {x: r.left + scrollX, y: r.top + scrollY, width: r.width, height: r.height};
+    })""")

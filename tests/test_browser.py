@@ -81,8 +81,10 @@ def test_turbo_tab(ui: Page):
 
 def test_send_result_to_img2img_and_generate(ui: Page):
     generate(ui, "txt2img", "a red barn")
+    ui.locator("#txt2img-negative textarea").fill("blurry")  # after the run: the image's own is sent
     ui.locator("#txt2img-send-img2img").click()
-    expect(ui.locator("#img2img-prompt textarea")).to_be_visible()
+    expect(ui.locator("#img2img-prompt textarea")).to_have_value("a red barn")  # as A1111 does
+    expect(ui.locator("#img2img-negative textarea")).to_have_value("")
     expect(ui.locator("#img2img-init img")).to_be_visible()
     generate(ui, "img2img", "the same barn in snow", steps=4)
     expect(info(ui, "img2img")).to_have_value(re.compile(r"1 image\(s\), 256×256"))
@@ -129,10 +131,11 @@ def test_gallery_reuse_parameters_and_send_to_img2img(ui: Page):
     expect(ui.locator("#txt2img-steps input[type=number]")).to_have_value("2")
     seed = ui.locator("#txt2img-seed input").input_value()
     assert seed not in ("", "-1")
-    # send to img2img from the gallery
+    # send to img2img from the gallery, with the image's prompt
     open_tab(ui, "Gallery")
     ui.locator("#gallery-send-img2img").click()
     expect(ui.locator("#img2img-init img")).to_be_visible()
+    expect(ui.locator("#img2img-prompt textarea")).to_have_value("gallery heron at dawn")
 
 
 def test_gallery_delete_asks_first(ui: Page):

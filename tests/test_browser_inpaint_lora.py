@@ -7,9 +7,11 @@ from __future__ import annotations
 import os
 import re
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from tests.conftest_ui import BROWSER_TIMEOUT_MS, CHROMIUM, open_studio, running_studio, set_number
+from tests.conftest_ui import BROWSER_TIMEOUT_MS, CHROMIUM, open_studio, running_studio, screenshot_dir, set_number
 
 if not os.path.exists(CHROMIUM):
     pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium to run the browser tests",
@@ -93,6 +95,11 @@ def test_paint_a_mask_and_inpaint_then_reuse_it(ui: Page, app, tmp_path):
     expect(ui.locator("#gallery-detail-info textarea")).to_have_value(re.compile("Mask blur: 4"))
     ui.locator("#gallery-reuse").click()
     expect(ui.locator("#inpaint-prompt textarea")).to_have_value("a red fox in the middle")
+    # the mask is visible: painted in the editor over the source, and in the upload box (opened)
+    expect(editor.get_by_text("Upload an image")).to_have_count(0)
+    expect(ui.locator("#inpaint-mask-upload img")).to_be_visible()
+    ui.wait_for_timeout(500)
+    ui.screenshot(path=str(screenshot_dir() / "desktop-inpaint-reused.png"), full_page=True)
     ui.locator("#inpaint-generate").click()
     for _ in range(120):
         if studio.gallery.list(mode="inpaint").total == 2:
@@ -100,6 +107,10 @@ def test_paint_a_mask_and_inpaint_then_reuse_it(ui: Page, app, tmp_path):
         ui.wait_for_timeout(500)
     newest = studio.gallery.list(mode="inpaint").items[0]
     assert newest.id != item.id and newest.metadata["mask_sha256"] == meta["mask_sha256"]
+    # from the source, not the result: the same pixels as the original
+    assert newest.metadata["init_image_sha256"] == meta["init_image_sha256"]
+    assert np.array_equal(np.asarray(Image.open(newest.path).convert("RGB")),
+                          np.asarray(Image.open(item.path).convert("RGB")))
 
 
 def test_pick_a_lora_in_txt2img(ui: Page, app):
