@@ -56,7 +56,7 @@ def index_ids(g: Gallery) -> set[str]:
 
 
 def png_ids(g: Gallery) -> set[str]:
-    return {p.stem for p in g.images_dir.glob("*/*.png")}
+    return {p.stem for p in g.images_dir.rglob("*.png") if Gallery.valid_id(p.stem)}
 
 
 # --- basics -----------------------------------------------------------------------------------
@@ -229,17 +229,20 @@ def test_reconcile_repairs_injected_inconsistencies(gallery):
     assert len(report.temp_removed) == 1
     assert sorted(report.thumbs_removed) == sorted([f"{'b' * 16}.webp", f"{gone.id}.webp"])
     skipped = dict(report.skipped)
-    assert "not a gallery id" in skipped[f"images/{day.name}/holiday.png"]
-    assert "damaged or incomplete" in skipped[f"images/{day.name}/{'c' * 16}.png"]
+    rel = day.relative_to(gallery.data_dir).as_posix()  # images/o-<keyed hash of "o">/<date>
+    assert rel.startswith("images/o-") and "/o/" not in rel, "the owner's folder names nobody"
+    assert "not a gallery id" in skipped[f"{rel}/holiday.png"]
+    assert "damaged or incomplete" in skipped[f"{rel}/{'c' * 16}.png"]
     assert report.errors == []
     summary = report.summary()
     assert "1 image re-indexed" in summary and "1 entry dropped" in summary
     assert "1 thumbnail rebuilt" in summary and "1 unfinished temp file removed" in summary
 
     back = gallery.get(orphan.id)
-    assert back.metadata == meta(prompt="orphan castle") and back.owner is None  # no owner in PNGs
+    assert back.metadata == meta(prompt="orphan castle")
+    assert back.owner == "o", "re-indexed with its owner, from its owner folder (the PNG names no owner)"
     assert gallery.list(query="castle").items[0].id == orphan.id
-    assert gallery.get(orphan.id, owner="o") is None
+    assert gallery.get(orphan.id, owner="o").id == orphan.id and gallery.get(orphan.id, owner="p") is None
     again = gallery.reconcile(temp_grace_s=0)
     assert not again.changed and "consistent" in again.summary()
 
