@@ -235,6 +235,7 @@ def test_every_printed_line_is_redacted(capfd):
 
 def test_repeated_failed_logins_are_throttled_with_how_long():
     import asyncio
+    import concurrent.futures
 
     from studio.app.guards import LoginThrottle
 
@@ -260,7 +261,10 @@ def test_repeated_failed_logins_are_throttled_with_how_long():
 
             await guard({"type": "http", "method": "POST", "path": "/login", "client": (ip, 1)}, receive, send)
 
-        asyncio.run(run())
+        # in a thread of its own: an earlier test (Playwright's sync API) may leave this
+        # thread's event loop marked as running
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, run()).result()
         status = sent[0]["status"]
         body = b"".join(m.get("body", b"") for m in sent[1:])
         return status, body

@@ -74,15 +74,22 @@ def test_empty_prompts_run_with_the_same_note_from_the_cli(demo_config, capsys, 
 
 def test_long_prompts_run_and_report_what_the_encoders_cut(app):
     clause = "a red fox in the snow, "
-    medium = clause * 60  # ~420 tokens: past CLIP's 77 and T5's default 256
+    medium = clause * 30  # ~300 tiny tokens (5 CLIP chunks): past CLIP's 77 and T5's default 256
+    # prompt weighting on (the default): CLIP reads the prompt in 75-token chunks, T5 is cut
     images, _, info = txt2img(app.client, prompt=medium, max_sequence_length=256)
-    assert "the CLIP encoders read only the first 77" in info
-    assert "T5 reads only the first 256; raise max sequence length (up to 512)" in info
+    assert "CLIP reads the first" not in info
+    assert "T5 reads 256 and will not see" in info and "raise max sequence length (up to 512)" in info
     assert png_meta(images[0])["prompt"] == medium, "the whole prompt is kept in the metadata"
+    # literal text: CLIP reads one window of 77 and says what it will not see
+    images, _, info = txt2img(app.client, prompt=medium, max_sequence_length=256, prompt_weighting=False)
+    assert "CLIP reads the first 75 tokens of the prompt; it will not see" in info
+    assert "turn prompt weighting on" in info
 
-    long = clause * 120  # ~840 tokens: past T5's 512 maximum
-    images, _, info = txt2img(app.client, prompt=long, max_sequence_length=512)
-    assert "T5 reads only the first 512." in info and "raise max sequence length" not in info
+    long = clause * 60  # ~600 tiny tokens: past T5's 512 maximum, and past 8 CLIP chunks
+    with pytest.raises(AppError, match=r"CLIP chunks of 75 tokens; at most 8 are read"):
+        txt2img(app.client, prompt=long, max_sequence_length=512)
+    images, _, info = txt2img(app.client, prompt=long, max_sequence_length=512, prompt_weighting=False)
+    assert "T5 reads 512 and will not see" in info and "raise max sequence length" not in info
     with pytest.raises(AppError, match=r"10,001 characters; the limit is 10,000"):
         txt2img(app.client, prompt="x" * 10_001)
     still_serving(app)
