@@ -65,6 +65,7 @@ class BlobStore:
             return im.copy()
 
     def delete(self, sha) -> bool:
+        """Remove the file of ``sha``; whether one was removed."""
         p = self.path(sha)
         if p is None:
             return False
@@ -85,9 +86,11 @@ class Blobs:
         self.controls = BlobStore(root / KINDS["control"])
 
     def store(self, kind: str) -> BlobStore:
+        """The store of ``kind`` ("mask", "init" or "control")."""
         return {"mask": self.masks, "init": self.inits, "control": self.controls}[kind]
 
     def folders(self) -> list[Path]:
+        """The three stores' folders."""
         return [self.masks.folder, self.inits.folder, self.controls.folder]
 
     def referenced(self, meta: dict) -> dict[str, str]:

@@ -138,6 +138,8 @@ class SLGAdvice:
 
 @dataclass(frozen=True)
 class Variant:
+    """One SD3 / SD3.5 release: its Hub repo and single file, transformer config, recommended settings
+    and size limits."""
     name: str  # the studio's short id, used on the CLI and in metadata
     label: str  # what the UI shows
     repo_id: str  # the official diffusers repo on the Hub (gated)
@@ -158,6 +160,7 @@ class Variant:
 
     @property
     def uses_cfg(self) -> bool:
+        """Whether the recommended guidance needs classifier-free guidance (above 1; not Turbo)."""
         return self.guidance > 1.0
 
 
@@ -255,6 +258,7 @@ MAX_T5_TOKENS = 512
 
 
 def get_variant(name: str) -> Variant:
+    """The catalog variant called ``name`` (KeyError naming the known ones otherwise)."""
     try:
         return VARIANTS[name]
     except KeyError:

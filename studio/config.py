@@ -31,6 +31,7 @@ def on_space() -> bool:
 
 
 def default_data_dir() -> Path:
+    """``SD35_STUDIO_DATA_DIR`` when set, else the platform's user data dir for the studio."""
     env = os.environ.get("SD35_STUDIO_DATA_DIR")
     if env:
         return Path(env).expanduser()
@@ -41,6 +42,8 @@ def default_data_dir() -> Path:
 
 @dataclass
 class StudioConfig:
+    """What one studio runs with: its data dir, the model, variant and preset, demo / offline mode,
+    the device and where to listen."""
     data_dir: Path = field(default_factory=default_data_dir)
     model: str | None = None  # Hub id, local diffusers folder or .safetensors file
     variant: str | None = None  # catalog variant name; inferred from the model when None
@@ -61,20 +64,25 @@ class StudioConfig:
 
     @property
     def images_dir(self) -> Path:
+        """Where generated PNGs go."""
         return self.data_dir / "images"
 
     @property
     def tiny_dir(self) -> Path:
+        """Where the offline demo family is built."""
         return self.data_dir / "models" / "tiny"
 
     @property
     def loras_dir(self) -> Path:
+        """Where LoRA .safetensors files live."""
         return self.data_dir / "loras"
 
     @property
     def upscalers_dir(self) -> Path:
+        """Where upscaler models live."""
         return self.data_dir / "upscalers"  # upscaler models (studio.models.upscalers)
 
     def ensure_dirs(self) -> None:
+        """Create the data dir and the images folder if they are missing."""
         for d in (self.data_dir, self.images_dir):
             d.mkdir(parents=True, exist_ok=True)

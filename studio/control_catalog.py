@@ -79,6 +79,8 @@ SIGNED = InputRule("signed", False, "diffusers VaeImageProcessor default (2x - 1
 
 @dataclass(frozen=True)
 class ControlNetEntry:
+    """One ControlNet: its Hub repo and files, control type, the bases it fits, its input rule,
+    recommended settings and real config."""
     id: str  # the studio's short id (CLI --controlnet, metadata)
     label: str  # what the UI shows
     control_type: str  # one of CONTROL_TYPES
@@ -264,6 +266,7 @@ CONTROLNETS: dict[str, ControlNetEntry] = {e.id: e for e in (
 
 
 def get_controlnet(name: str) -> ControlNetEntry:
+    """The catalog ControlNet called ``name`` (a ValidationError naming the known ones otherwise)."""
     try:
         return CONTROLNETS[name]
     except KeyError:

@@ -108,6 +108,8 @@ _COLUMNS = "id, path, created_at, prompt, negative_prompt, variant, mode, seed, 
 
 @dataclass
 class GalleryImage:
+    """One indexed image: its id, PNG and thumbnail paths, full metadata, and the fields the UI
+    filters on."""
     id: str
     path: Path  # absolute path of the PNG
     thumb_path: Path
@@ -126,6 +128,7 @@ class GalleryImage:
 
 @dataclass
 class Page:
+    """One page of :meth:`Gallery.list`: its images and the total count that matched."""
     items: list[GalleryImage]
     total: int
     page: int
@@ -133,11 +136,13 @@ class Page:
 
     @property
     def pages(self) -> int:
+        """How many pages the matches fill (at least 1)."""
         return max(1, -(-self.total // self.page_size))
 
 
 @dataclass
 class ReconcileReport:
+    """What :meth:`Gallery.reconcile` changed, left alone and could not do."""
     added: list[str] = field(default_factory=list)  # ids re-indexed from orphan PNGs
     dropped: list[str] = field(default_factory=list)  # ids whose PNG was gone
     thumbs: list[str] = field(default_factory=list)  # ids whose thumbnail was rebuilt
@@ -148,10 +153,12 @@ class ReconcileReport:
 
     @property
     def changed(self) -> bool:
+        """Whether the check changed anything (re-indexed, dropped, rebuilt or removed)."""
         return bool(self.added or self.dropped or self.thumbs or self.temp_removed
                     or self.thumbs_removed)
 
     def summary(self) -> str:
+        """One line for the log and the UI: what was changed, what was left alone, what failed."""
         def n(count: int, one: str, many: str) -> str:
             return f"{count} {one if count == 1 else many}"
 
@@ -432,6 +439,7 @@ class Gallery:
 
     @property
     def thumbs_dir(self) -> Path:
+        """The folder of the thumbnails (``<id>.webp``)."""
         return self._thumbs
 
     def _thumb(self, image_id: str) -> Path:
@@ -445,6 +453,7 @@ class Gallery:
 
     @staticmethod
     def valid_id(image_id: Any) -> bool:
+        """Whether ``image_id`` is a well-formed image id (16 lowercase hex digits)."""
         return isinstance(image_id, str) and bool(_ID_RE.match(image_id))
 
     def _storage_message(self, e: BaseException, action: str) -> str:
@@ -574,6 +583,7 @@ class Gallery:
         return ("owner = ?", [owner]) if owner is not None else ("1", [])
 
     def get(self, image_id: str, owner: str | None = None) -> GalleryImage | None:
+        """The image with this id, if this owner may see it (None otherwise, or for a malformed id)."""
         if not self.valid_id(image_id):
             return None
         clause, params = self._owner_clause(owner)
@@ -659,6 +669,7 @@ class Gallery:
         return row is not None
 
     def count(self, owner: str | None = None) -> int:
+        """How many images this owner has (all of them with no owner)."""
         clause, params = self._owner_clause(owner)
         return self._conn().execute(f"SELECT count(*) FROM images WHERE {clause}", params).fetchone()[0]
 

@@ -25,6 +25,7 @@ DEVICES = ("cuda", "mps", "cpu")
 
 @dataclass(frozen=True)
 class Gpu:
+    """One CUDA GPU: its index, name, total and free memory, and compute capability."""
     index: int
     name: str
     total_bytes: int
@@ -36,6 +37,7 @@ class Gpu:
 
 @dataclass(frozen=True)
 class Hardware:
+    """The machine the planner plans for, detected or simulated: GPUs, MPS, RAM and the device used."""
     gpus: list[Gpu] = field(default_factory=list)
     mps: bool = False
     ram_total_bytes: int = 0
@@ -50,6 +52,7 @@ class Hardware:
 
     @property
     def gpu_count(self) -> int:
+        """How many CUDA GPUs there are."""
         return len(self.gpus)
 
     @property
@@ -80,6 +83,7 @@ class Hardware:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
+        """The inventory as plain dicts and lists (for JSON)."""
         d = asdict(self)
         d["gpus"] = [asdict(g) for g in self.gpus]
         return d

@@ -59,6 +59,8 @@ class RedactSecrets(logging.Filter):
     """A handler filter: the record's message, arguments and traceback text lose their tokens."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Redact the record in place (message with its arguments merged, traceback, stack);
+        always keeps it."""
         try:
             message = record.getMessage()
         except Exception:  # noqa: BLE001 — a broken format string is still logged, redacted
@@ -84,6 +86,7 @@ class RedactingStream(io.TextIOBase):
         self._pending = ""
 
     def write(self, text) -> int:
+        """Buffer ``text`` and write every finished line redacted; returns the characters taken."""
         text = str(text)
         self._pending += text
         if "\n" in self._pending:
@@ -94,23 +97,28 @@ class RedactingStream(io.TextIOBase):
         return len(text)
 
     def flush(self) -> None:
+        """Write what is pending (redacted), then flush the wrapped stream."""
         if self._pending:
             self._inner.write(redact(self._pending))
             self._pending = ""
         self._inner.flush()
 
     def isatty(self) -> bool:
+        """Whether the wrapped stream is a terminal."""
         return self._inner.isatty()
 
     def fileno(self) -> int:
+        """The wrapped stream's file descriptor."""
         return self._inner.fileno()
 
     @property
     def encoding(self):
+        """The wrapped stream's encoding (utf-8 when it has none)."""
         return getattr(self._inner, "encoding", "utf-8")
 
     @property
     def inner(self):
+        """The wrapped stream."""
         return self._inner
 
 

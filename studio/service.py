@@ -50,18 +50,21 @@ class Studio:
 
     @cached_property
     def models(self):
+        """The model manager; every load asks :meth:`placement_for` where the model goes."""
         from studio.models import ModelManager
 
         return ModelManager(self.config, placement_policy=self._policy)
 
     @cached_property
     def gallery(self):
+        """The gallery of the data dir."""
         from studio.gallery import Gallery
 
         return Gallery(self.config.data_dir)
 
     @cached_property
     def blobs(self):
+        """The stored inputs of the data dir: masks, init images and control images."""
         from studio.blobs import Blobs
 
         return Blobs(self.config.data_dir)
@@ -75,6 +78,7 @@ class Studio:
 
     @cached_property
     def engine(self):
+        """The generation engine, over the model manager, the gallery, the blobs and the styles."""
         from studio.engine import Engine
 
         return Engine(self.models, self.gallery, blobs=self.blobs, styles=self.styles)
@@ -391,6 +395,8 @@ class Studio:
         return item
 
     def star_image(self, image_id, starred: bool = True, owner=None) -> bool:
+        """Star or unstar the owner's image ``image_id``; returns the new state (GalleryError when there
+        is no such image)."""
         if not self.gallery.star(str(image_id or ""), bool(starred), owner=owner):
             raise GalleryError(f"No image with id {str(image_id)[:40]!r} in the gallery.")
         return bool(starred)
@@ -770,9 +776,11 @@ class Studio:
     # -- LoRAs --
 
     def lora_names(self) -> list[str]:
+        """The LoRA names in the loras folder."""
         return self.models.loras.names()
 
     def describe_loras(self) -> dict:
+        """Every LoRA file described, and the adapters on the loaded model (for /list_loras)."""
         return {"loras": self.models.loras.describe(),
                 "active": self.models.active_loras() if self.is_built("models") else []}
 

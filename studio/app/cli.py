@@ -101,6 +101,8 @@ def _named(parse, what: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``launch.py``: the serve flags and the ``generate``, ``upscale`` and
+    ``plan`` subcommands."""
     from studio.control_catalog import CONTROL_TYPES, CONTROLNETS, PREPROCESSORS
     from studio.engine import samplers
     from studio.engine.weighting import EMPHASIS
@@ -260,6 +262,8 @@ def _loras(studio, specs: list[str]) -> list[tuple[str, object]]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    """``launch.py generate``: generate headlessly into the gallery and print the saved paths (or JSON
+    with ``--json``); the exit status."""
     from studio.logs import quiet_libraries
 
     quiet_libraries()
@@ -338,6 +342,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
+    """``launch.py upscale``: upscale one image into the gallery and print its path (or JSON with
+    ``--json``); the exit status."""
     from studio.logs import quiet_libraries
 
     quiet_libraries()
@@ -372,6 +378,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    """``launch.py plan``: how the model would fit this (or a simulated) machine; the exit status."""
     from studio.logs import quiet_libraries
 
     quiet_libraries()
@@ -381,6 +388,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """``launch.py`` without a subcommand: start the web UI; the exit status."""
     try:
         config = config_from_args(args)
     except ConfigError as e:

@@ -82,6 +82,7 @@ class FileRouteGuard:
         self.roots = {root, root.resolve()}
 
     def refused(self, path: str) -> bool:
+        """Whether ``path`` is a file route whose target, in any reading, lies inside the data dir."""
         for m in _FILE_ROUTE.finditer(path):
             rest = path[m.end():]
             for candidate in {rest, unquote(rest), rest.replace("\\", "/"), unquote(rest).replace("\\", "/")}:
@@ -122,11 +123,14 @@ class LoginThrottle:
         return [f"ip:{client}", f"user:{username.strip().lower()}"] if username else [f"ip:{client}"]
 
     def locked_for(self, keys: list[str]) -> float:
+        """Seconds left on the longest lock-out among ``keys`` (0 when none is locked out)."""
         now = self.clock()
         with self._lock:
             return max([self._locked.get(k, 0) - now for k in keys] + [0.0])
 
     def failed(self, keys: list[str]) -> None:
+        """Count a failed login for each key; a key that reaches ``max_failures`` within the window is
+        locked out for ``lockout_s``."""
         now = self.clock()
         with self._lock:
             for k in keys:
@@ -137,6 +141,7 @@ class LoginThrottle:
                     self._failures[k] = []
 
     def succeeded(self, keys: list[str]) -> None:
+        """A successful login: forget the keys' failed tries."""
         with self._lock:
             for k in keys:
                 self._failures.pop(k, None)
@@ -182,6 +187,7 @@ class CancelGuard:
 
     @property
     def blocks(self):
+        """The guarded Gradio app (``gr.Blocks``), or None before ``launch`` sets it."""
         return getattr(self.holder, "blocks", None)
 
     def _user(self, scope) -> str | None:
@@ -199,6 +205,7 @@ class CancelGuard:
         return server.tokens.get(token) if token else None
 
     def refused(self, scope, body: bytes) -> str | None:
+        """Why this cancel request is refused, or None to let Gradio handle it."""
         try:
             data = json.loads(body or b"{}")
             session, event_id = str(data.get("session_hash", "")), str(data.get("event_id", ""))

@@ -34,7 +34,7 @@ MAX_UPLOAD = "50mb"  # Gradio refuses larger uploads (HTTP 413) before our code 
 
 
 class StartupError(Exception):
-    pass
+    """The studio cannot start as asked (bad ``--auth``, ``--share`` without auth, …); the message says why."""
 
 
 # --- which files may be served -----------------------------------------------------------------
@@ -89,6 +89,7 @@ def parse_auth(spec: str | None) -> list[tuple[str, str]] | None:
 
 
 def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` is reachable from this machine only (none, ``localhost`` or a loopback address)."""
     if not host or host == "localhost":
         return True
     try:
@@ -105,6 +106,8 @@ def is_shared(args) -> bool:
 
 
 def launch_kwargs(config: StudioConfig, args) -> dict:
+    """The keyword arguments of Gradio's ``launch()`` for this config and command line (raises
+    StartupError for ``--share`` without ``--auth``)."""
     auth = parse_auth(getattr(args, "auth", None))
     share = bool(getattr(args, "share", False))
     if share and not auth and not getattr(args, "insecure_no_auth", False):

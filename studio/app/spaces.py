@@ -115,6 +115,7 @@ RETIRE_WAIT_S = 10.0  # how long a stale worker may take to exit before the call
 
 
 def demo_requested() -> bool:
+    """``SD35_STUDIO_DEMO`` asks for the offline demo family ("1", "true", "yes" or "on", any case)."""
     return os.environ.get("SD35_STUDIO_DEMO", "").strip().lower() in TRUE
 
 
@@ -244,6 +245,7 @@ class Estimate:
     work: dict = field(default_factory=dict)
 
     def fits(self, limit: int) -> bool:
+        """Whether the asked duration is within ``limit`` seconds."""
         return self.seconds <= limit
 
     def too_long(self, limit: int):
@@ -325,14 +327,17 @@ class GpuFigures:
 
     @staticmethod
     def key(work: dict) -> tuple:
+        """The model a measurement belongs to: (variant, tiny, preset name)."""
         return (work.get("variant"), bool(work.get("tiny")), (work.get("placement") or {}).get("name"))
 
     def throughput(self, work: dict) -> float | None:
+        """The slowest FLOP/s measured for this request's model, or None before any measurement."""
         with self._lock:
             seen = self._seen.get(self.key(work))
             return min(seen) if seen else None
 
     def record(self, work: dict, value: float | None) -> None:
+        """Keep a finished call's FLOP/s (the last ``MEASUREMENTS_KEPT`` per model); None or ≤ 0 is ignored."""
         if value is None or value <= 0:
             return
         with self._lock:
@@ -360,6 +365,7 @@ class FileCancel:
 
     @property
     def cancelled(self) -> bool:
+        """Whether the main process asked to cancel (the flag file exists)."""
         return os.path.exists(self.path)
 
 
@@ -378,6 +384,7 @@ class ProgressSender:
         self._sock.setblocking(False)
 
     def progress(self, ev) -> None:
+        """Send one step's progress (with a JPEG preview when one is due); an ``on_progress`` callback."""
         info = {"step": ev.step, "steps": ev.steps, "run": ev.run, "runs": ev.runs, "elapsed_s": ev.elapsed_s}
         extra = b""
         now = time.monotonic()
@@ -398,6 +405,7 @@ class ProgressSender:
                 continue
 
     def close(self) -> None:
+        """Close the worker's socket."""
         self._sock.close()
 
 
@@ -434,6 +442,7 @@ class ProgressChannel:
         atexit.register(self.close)  # the main process's exit (workers leave through os._exit)
 
     def cancel_path(self, job: str) -> Path:
+        """The flag file whose existence cancels ``job`` in the worker."""
         return self.dir / "cancel" / job
 
     def _read(self) -> None:
@@ -501,6 +510,8 @@ class ProgressChannel:
                 pass
 
     def close(self) -> None:
+        """Close the socket and remove the channel's folder (in the main process only; a fork's copy
+        leaves them)."""
         if os.getpid() != self._pid:  # a forked copy never removes the main process's channel
             return
         self._sock.close()
@@ -610,6 +621,7 @@ class ZeroGpuRunner:
     # -- main process --
 
     def facts(self):
+        """The loaded transformer's :func:`transformer_facts`, computed once per transformer."""
         current = self.studio.current
         ident = (current.identities.get("transformer") if current is not None else None) or id(current.pipe)
         if ident not in self._facts:
@@ -617,6 +629,7 @@ class ZeroGpuRunner:
         return self._facts[ident]
 
     def estimate(self, work: dict) -> Estimate:
+        """The GPU time a prepared request asks for, with this Space's measured throughput once it has one."""
         return estimate(work, self.facts(), self.figures.throughput(work))
 
     def check_placement(self, work: dict) -> None:

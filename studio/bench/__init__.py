@@ -71,6 +71,8 @@ def _median_pair(a, b, repeat: int) -> tuple[float, float]:
 
 
 def bench_overhead(family: dict, work: Path, repeat: int, size: int, steps: int) -> dict:
+    """``overhead_ratio``: ``Engine.generate`` ÷ a bare pipeline call on the same model and settings
+    (medians of ``repeat`` interleaved runs)."""
     import torch
 
     from studio.config import StudioConfig
@@ -99,6 +101,8 @@ def bench_overhead(family: dict, work: Path, repeat: int, size: int, steps: int)
 
 
 def bench_swap(family: dict, work: Path, repeat: int) -> dict:
+    """``swap_shared_ratio`` and ``swap_cached_ratio``: a switch to Turbo (shared encoders + VAE) and
+    back to Large (RAM cache), each ÷ a cold load."""
     from studio.config import StudioConfig
     from studio.models import ModelManager
 
@@ -131,6 +135,8 @@ def bench_swap(family: dict, work: Path, repeat: int) -> dict:
 
 
 def bench_prompt_cache(family: dict, work: Path, repeat: int) -> dict:
+    """``prompt_cache_ratio``: a repeat prompt's encode with the cache ÷ without; and the encoder
+    passes a cache hit still makes (goal 0)."""
     from studio.config import StudioConfig
     from studio.engine import Engine, PromptCache
     from studio.models import ModelManager
@@ -196,6 +202,7 @@ demo.launch(server_port=int(sys.argv[1]), server_name="127.0.0.1")
 
 
 def bench_startup(work: Path, repeat: int) -> dict:
+    """``startup_ratio``: ``launch.py --demo`` time to first HTTP 200 ÷ a bare Gradio hello-world's."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     data = work / "startup"
     # build the demo family once, outside the timing: startup never builds models anyway
@@ -324,6 +331,7 @@ def bench_compile(work: Path, repeat: int, backend: str = "inductor") -> dict:
 
 
 def bench_gallery(n: int) -> dict:
+    """One page and one search over an ``n``-entry gallery index, in ms (:func:`studio.bench.gallery.run`)."""
     from studio.bench.gallery import run
 
     r = run(n=n)
@@ -339,6 +347,7 @@ def _verdict(key: str, value) -> str:
 
 
 def format_table(results: dict) -> str:
+    """The results as a plain-text table: measure, value, and the verdict against its goal."""
     lines = [f"{'measure':36} {'value':>10}  goal"]
     for key, value in results.items():
         shown = f"{value:.3f}" if isinstance(value, float) else str(value)
@@ -350,6 +359,8 @@ BENCHES = ("overhead", "swap", "cache", "startup", "gallery", "stepcache", "comp
 
 
 def run(only: list[str] | None = None, quick: bool = False, work: Path | None = None) -> dict:
+    """Run the benchmarks in ``only`` (default: all) in ``work`` (default: a temp dir) and return
+    their figures; ``quick``: smaller models, fewer repeats."""
     from studio.logs import quiet_libraries
     from studio.demo.tiny import build_tiny_family
 
@@ -390,6 +401,7 @@ def run(only: list[str] | None = None, quick: bool = False, work: Path | None = 
 
 
 def main(argv=None) -> int:
+    """``python -m studio.bench``: run and print the table (or JSON); exit status 0."""
     p = argparse.ArgumentParser(prog="python -m studio.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print a JSON object of the ratios")
     p.add_argument("--quick", action="store_true", help="smaller models and fewer repeats (for tests)")

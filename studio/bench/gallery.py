@@ -24,6 +24,8 @@ NEEDLE = "zanzibarquux"  # a word put in exactly every 97th prompt, for a checka
 
 
 def build_entries(n: int, seed: int = 0) -> list[dict]:
+    """``n`` synthetic index rows (seeded): varied prompts, modes, variants, owners and stars,
+    :data:`NEEDLE` in every 97th prompt."""
     rng = random.Random(seed)
     start = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
     entries = []

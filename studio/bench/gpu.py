@@ -385,6 +385,8 @@ def folder_estimate(folder: str | os.PathLike, preset, width: int, height: int,
 
 @dataclasses.dataclass
 class Candidate:
+    """One plan to measure: its preset, the planner's estimate, why it is skipped here (if it is),
+    and which machine it was planned for."""
     preset: object  # memory.Preset (named or composed)
     estimate: object | None  # memory.Estimate (None in tiny mode)
     skipped: str | None = None  # why it does not run here
@@ -561,6 +563,7 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def free_all() -> None:
+    """Collect garbage and give cached CUDA memory back, so the next plan starts clean."""
     import torch
 
     gc.collect()
@@ -695,6 +698,8 @@ def stepcache_ratios(engine, request, device: str, steps: int, skip_layers=None,
 
 
 def prompt_for(i: int) -> str:
+    """The prompt of image ``i``: :data:`PROMPT` with a take number, so no two images share a
+    prompt-cache entry."""
     return f"{PROMPT}, take {i}"
 
 
@@ -801,6 +806,7 @@ def run_one(folder, variant: str, preset, hardware, width: int, height: int, ste
 
 
 def default_workdir() -> Path:
+    """Where the random-weight folders go by default: ``bench_gpu`` under the user cache dir."""
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("sd35-studio", appauthor=False)) / "bench_gpu"
@@ -989,6 +995,8 @@ def format_table(results: dict) -> str:
 
 
 def main(argv=None) -> int:
+    """``python -m studio.bench_gpu``: run the plans and print the table (or JSON, or the built
+    folders); exit status 2 on an error."""
     p = argparse.ArgumentParser(prog="python -m studio.bench_gpu", description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true",
                    help="CPU smoke run: tiny family (Large), cpu-fp32 + cpu-bf16, 256², 2 steps, 1 image per path")

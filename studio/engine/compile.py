@@ -54,6 +54,7 @@ def compile_problem(placement: str | object) -> str | None:
 
 
 def is_compiled(transformer) -> bool:
+    """Whether every transformer block is wrapped by ``torch.compile`` (False when it has none)."""
     blocks = getattr(transformer, "transformer_blocks", ())
     return bool(blocks) and all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
 

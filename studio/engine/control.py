@@ -79,6 +79,7 @@ class ControlSettings:
     resize: str = "crop"
 
     def checked(self) -> ControlSettings:
+        """The settings validated (ValidationError naming the field otherwise), numbers in range."""
         if self.preprocess not in PREPROCESSORS:
             raise ValidationError(f"Unknown preprocessor {self.preprocess!r}: use one of {', '.join(PREPROCESSORS)}.",
                                   "preprocess")
@@ -139,6 +140,7 @@ def canny(image, low: int = _default("canny_low"), high: int = _default("canny_h
 
 
 def blur(image, radius: float = _default("blur_radius")):
+    """A Gaussian-blurred RGB copy of ``image`` (``radius`` in px)."""
     from PIL import ImageFilter
 
     return image.convert("RGB").filter(ImageFilter.GaussianBlur(radius=float(radius)))
@@ -177,6 +179,8 @@ class DepthEstimator:
             raise
 
     def load(self, progress=None) -> DepthEstimator:
+        """Load the processor and model once (downloading a Hub id first); returns self. ModelError
+        when it cannot be loaded."""
         with self._lock:
             if self._model is None:
                 from transformers import AutoImageProcessor, AutoModelForDepthEstimation
@@ -209,6 +213,7 @@ class DepthEstimator:
 
 
 def missing_depth_model_message(source: str = DEPTH_MODEL) -> str:
+    """What to do when the depth model is not on this machine and the Hub is out of reach."""
     return (f"The depth preprocessor needs the depth model {source}, which is not on this machine, and the "
             f"Hub cannot be reached. Download it once while online: `hf download {source}` (about 100 MB), "
             "or point the depth model setting at a local folder that holds a transformers depth model — "

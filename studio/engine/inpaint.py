@@ -26,7 +26,7 @@ from studio.engine.limits import snap
 
 
 class MaskError(ValueError):
-    pass
+    """A mask that cannot be used (empty); the message says what to paint."""
 
 
 def _open(value, field: str) -> Image.Image | None:
@@ -85,11 +85,13 @@ def normalize_mask(mask, size: tuple[int, int]) -> tuple[Image.Image, list[str]]
 
 
 def blurred(mask: Image.Image, radius: int) -> Image.Image:
+    """The mask feathered by a Gaussian blur of ``radius`` px (unchanged for 0)."""
     return mask.filter(ImageFilter.GaussianBlur(radius)) if radius and radius > 0 else mask
 
 
 @dataclass
 class Plan:
+    """Where to repaint: the source's box and the size the model works at."""
     box: tuple[int, int, int, int]  # (x0, y0, x1, y1) of the source that is repainted
     size: tuple[int, int]  # (width, height) the model works at, multiples of 16
 

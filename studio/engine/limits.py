@@ -51,9 +51,11 @@ class Limit:
     help: str = ""
 
     def default_for(self, mode: str | None = None):
+        """The default for ``mode`` (the general default where the mode has none of its own)."""
         return self.mode_defaults.get(mode, self.default)
 
     def range_text(self) -> str:
+        """The range as text, e.g. ``1–150``."""
         fmt = (lambda v: f"{int(v)}") if self.integer else (lambda v: f"{v:g}")
         return f"{fmt(self.lo)}–{fmt(self.hi)}"
 
@@ -118,6 +120,7 @@ GALLERY_MODES = (*MODES, "upscale")
 
 
 def limit(name: str) -> Limit:
+    """The :class:`Limit` called ``name``."""
     return LIMITS[name]
 
 

@@ -50,6 +50,7 @@ class PromptCache:
         self.misses = 0
 
     def get(self, key):
+        """The cached embeddings of ``key`` (marked most recent; counted as a hit), or None (a miss)."""
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
@@ -59,6 +60,7 @@ class PromptCache:
             return None
 
     def put(self, key, value) -> None:
+        """Cache ``value`` under ``key``, dropping the least recently used entries past ``max_entries``."""
         with self._lock:
             self._entries[key] = value
             self._entries.move_to_end(key)
@@ -66,6 +68,7 @@ class PromptCache:
                 self._entries.popitem(last=False)
 
     def clear(self) -> None:
+        """Drop every entry (the hit and miss counts stay)."""
         with self._lock:
             self._entries.clear()
 

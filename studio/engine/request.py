@@ -127,6 +127,7 @@ def build_request(fields: Mapping, mode: str | None = None) -> GenerationRequest
 
 
 def strength_default(mode: str) -> float:
+    """The default img2img / inpaint strength of ``mode``."""
     return default("strength", mode)
 
 
@@ -157,6 +158,8 @@ class Resolved:
 
     @property
     def effective_steps(self) -> int:
+        """The denoising steps the pass really runs: about steps × strength for img2img and inpaint
+        (as diffusers runs them), all of them otherwise and with a ControlNet."""
         if self.request.mode not in IMAGE_MODES or self.controls:  # the inpainting ControlNet starts from noise
             return self.steps
         return self.steps - int(max(self.steps - self.steps * self.request.strength, 0))
@@ -184,6 +187,7 @@ class ControlUnit:
 
     @property
     def inpaint(self) -> bool:
+        """Whether this is an inpainting ControlNet (it reads the init image and mask, no control image)."""
         return self.control_type == "inpaint"
 
 
@@ -293,10 +297,12 @@ class ProgressEvent:
 
     @property
     def fraction(self) -> float:
+        """How much of the whole request is done, 0..1 (runs and steps together)."""
         return (self.run + self.step / max(self.steps, 1)) / max(self.runs, 1)
 
     @property
     def eta_s(self) -> float | None:
+        """Seconds left, extrapolated from the time so far (None before any progress)."""
         f = self.fraction
         return self.elapsed_s * (1 - f) / f if f > 0 else None
 
@@ -308,11 +314,14 @@ class CancelToken:
         self._event = threading.Event()
 
     def cancel(self) -> None:
+        """Ask the engine to stop after the current step."""
         self._event.set()
 
     def reset(self) -> None:
+        """Clear a cancel, so the token serves the next job."""
         self._event.clear()
 
     @property
     def cancelled(self) -> bool:
+        """Whether a cancel was asked for."""
         return self._event.is_set()

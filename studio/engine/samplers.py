@@ -77,6 +77,8 @@ DEFAULT_SCHEDULE = "Normal"  # today's spacing: the scheduler SD3 ships with
 
 @dataclass(frozen=True)
 class SamplerInfo:
+    """One sampler: our (Forge's) name, the ComfyUI name of the same algorithm, whether it draws
+    noise, model calls per step, and the diffusers scheduler it runs on."""
     name: str  # ours: Forge's label
     comfy: str  # the ComfyUI sampler_name that runs the same algorithm
     stochastic: bool  # draws fresh noise every step (the seed still reproduces it)
@@ -87,6 +89,7 @@ class SamplerInfo:
 
 @dataclass(frozen=True)
 class ScheduleInfo:
+    """One sigma schedule: our name, the ComfyUI scheduler name, and what it does."""
     name: str
     comfy: str
     about: str

@@ -84,17 +84,21 @@ class StepCacheStats:
 
     @property
     def passes(self) -> int:
+        """Transformer passes asked for, computed and cached together."""
         return sum(self.computed.values()) + sum(self.cached.values())
 
     @property
     def skipped(self) -> int:
+        """Passes answered from the cache."""
         return sum(self.cached.values())
 
     @property
     def skipped_fraction(self) -> float:
+        """The share of passes answered from the cache (0 with no passes)."""
         return self.skipped / self.passes if self.passes else 0.0
 
     def as_meta(self) -> dict:
+        """The counts for an image's metadata: ``passes`` and ``cached``."""
         return {"passes": self.passes, "cached": self.skipped}
 
 

@@ -34,6 +34,7 @@ MAX_STYLE_NAME = 200  # characters
 
 @dataclass(frozen=True)
 class Style:
+    """One row of a styles file: its name, prompt, negative prompt and the file it came from."""
     name: str
     prompt: str
     negative_prompt: str
@@ -43,6 +44,8 @@ class Style:
 # --- A1111 modules/styles.py, verbatim ---------------------------------------------------------
 
 def merge_prompts(style_prompt: str, prompt: str) -> str:
+    """``prompt`` put into ``style_prompt`` at ``{prompt}``, or followed by it after ", " when the
+    style has no placeholder."""
     if "{prompt}" in style_prompt:
         res = style_prompt.replace("{prompt}", prompt)
     else:
@@ -53,6 +56,7 @@ def merge_prompts(style_prompt: str, prompt: str) -> str:
 
 
 def apply_styles_to_prompt(prompt, styles):
+    """``prompt`` with each style prompt of ``styles`` merged in, in order."""
     for style in styles:
         prompt = merge_prompts(style, prompt)
 
@@ -192,6 +196,7 @@ class StyleLibrary:
 
     @classmethod
     def for_data_dir(cls, data_dir: str | Path) -> StyleLibrary:
+        """The library of a data dir: the defaults, then ``<data-dir>/styles.csv`` over them."""
         return cls(Path(data_dir) / "styles.csv")
 
     def reload(self) -> None:
@@ -206,6 +211,7 @@ class StyleLibrary:
         self.styles, self.notes = styles, notes
 
     def names(self) -> list[str]:
+        """The style names, defaults first, in file order."""
         return list(self.styles)
 
     def get(self, names) -> list[Style]:

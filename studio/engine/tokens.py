@@ -21,6 +21,7 @@ from studio.engine.weighting import CHUNK, clip_chunks, parse
 
 @dataclass(frozen=True)
 class TokenCount:
+    """What CLIP and T5 will read of one prompt, and the text each will not."""
     clip_tokens: int  # prompt tokens CLIP reads (BOS/EOS not counted)
     clip_used: int  # A1111's count: 75 per chunk before the last, plus the last chunk's tokens
     clip_chunks: int  # 75-token chunks (CLIP sees 77·chunks tokens)
@@ -32,6 +33,7 @@ class TokenCount:
 
     @property
     def clip_limit(self) -> int:
+        """The CLIP tokens the chunks hold, 75 each (the denominator of ``used/75·chunks``)."""
         return CHUNK * self.clip_chunks
 
     def notes(self) -> list[str]:

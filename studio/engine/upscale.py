@@ -73,10 +73,12 @@ class UpscaleResult:
 
     @property
     def size(self) -> tuple[int, int]:
+        """The upscaled image's (width, height)."""
         return self.image.size
 
     @property
     def scale(self) -> float:
+        """The factor it was upscaled by (its width over the source's, 4 decimals)."""
         return round(self.image.size[0] / self.source_size[0], 4)
 
     def as_meta(self) -> dict:

@@ -165,6 +165,7 @@ def component_params(variant_name: str) -> dict[str, int]:
 
 
 def count_params(model: nn.Module) -> int:
+    """The number of parameters of ``model`` (every tensor ``parameters()`` yields)."""
     return sum(p.numel() for p in model.parameters())
 
 
@@ -197,6 +198,7 @@ class Storage:
 
     @property
     def dtype_name(self) -> str:
+        """The load dtype's short name ("bf16", "fp16", "fp32"; torch's own name for another)."""
         return _DTYPE_NAMES.get(self.dtype, str(self.dtype).removeprefix("torch."))
 
     @property
@@ -212,6 +214,7 @@ class Storage:
 
     @property
     def quantization(self) -> str:
+        """The quantization column: how the weights are stored and what they compute in."""
         d = self.dtype_name
         return {
             "plain": "none",

@@ -72,6 +72,8 @@ CHOICE_LABELS = {
 
 @dataclass
 class ComponentRow:
+    """One pipeline component of an estimate: where it sits, what it is stored as, its bytes and
+    parameters."""
     component: str  # pipeline attribute: text_encoder, ..., vae
     label: str
     device: str
@@ -81,6 +83,7 @@ class ComponentRow:
     params: int
 
     def to_dict(self) -> dict:
+        """The row as a plain dict (``launch.py plan --json``)."""
         return {
             "name": self.component,
             "label": self.label,
@@ -94,6 +97,8 @@ class ComponentRow:
 
 @dataclass
 class Estimate:
+    """Memory needed by one variant under one preset at one size: per component, per phase, the peak
+    and the RAM, with the slowdown and quality cost."""
     variant: str
     preset: str
     width: int
@@ -114,9 +119,11 @@ class Estimate:
 
     @property
     def weights_bytes(self) -> int:
+        """The bytes of every component's weights together."""
         return sum(r.bytes for r in self.components)
 
     def to_dict(self) -> dict:
+        """The byte figures and notes as a plain dict."""
         return {
             "peak_bytes": self.peak_bytes,
             "peak_phase": self.peak_phase,
@@ -372,6 +379,7 @@ def estimate(
 
 
 def gb(n: int | float) -> str:
+    """``n`` bytes as text in GB (2**30 bytes), one decimal: ``"7.5 GB"``."""
     return f"{n / GB:.1f} GB"
 
 
@@ -453,12 +461,15 @@ def candidate_presets(hardware: Hardware, transformer_format: str | None = None)
 
 @dataclass
 class Rejection:
+    """A preset the planner did not choose, and why (``axis``/``choice``: a one-axis alternative to
+    the chosen plan)."""
     preset: str
     reason: str
     axis: str | None = None  # set for a one-axis alternative to the chosen plan
     choice: str | None = None
 
     def to_dict(self) -> dict:
+        """The rejection as a plain dict (axis and choice only when set)."""
         d = {"preset": self.preset, "reason": self.reason}
         if self.axis:
             d.update(axis=self.axis, choice=self.choice)
@@ -467,6 +478,8 @@ class Rejection:
 
 @dataclass
 class Plan:
+    """The planner's answer for one variant on one machine: the preset chosen (or explained), its
+    estimate, the budgets, and what was rejected and why."""
     variant: str
     preset: str  # the chosen preset's name (when nothing fits: the one that comes closest)
     fits: bool
@@ -484,13 +497,16 @@ class Plan:
 
     @property
     def peak_bytes(self) -> int:
+        """The chosen preset's estimated peak."""
         return self.estimate.peak_bytes
 
     @property
     def preset_obj(self) -> Preset:
+        """The chosen :class:`Preset` (named or composed)."""
         return self.choice or get_preset(self.preset)
 
     def to_dict(self) -> dict:
+        """The whole plan as a plain dict (``launch.py plan --json``)."""
         p = self.preset_obj
         return {
             "variant": self.variant,

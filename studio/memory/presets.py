@@ -185,14 +185,17 @@ class Preset:
     # -- what it needs and what it costs
     @property
     def needs_cuda(self) -> bool:
+        """Whether it runs only on a CUDA GPU."""
         return self.device == "cuda"
 
     @property
     def needs_gpu_count(self) -> int:
+        """How many CUDA GPUs it needs (2 for multi-GPU, 0 off CUDA)."""
         return 2 if self.placement == "balanced" else 1 if self.device == "cuda" else 0
 
     @property
     def axes(self) -> dict[str, str]:
+        """Its choice per axis: transformer, t5, placement, vae."""
         return {"transformer": self.transformer, "t5": self.t5, "placement": self.placement, "vae": self.vae}
 
     @property
@@ -206,6 +209,7 @@ class Preset:
 
     @property
     def quality_loss(self) -> float:
+        """Quality points given up, summed over the axes (0: none)."""
         return sum(QUALITY_LOSS[axis][choice] for axis, choice in self.axes.items())
 
     @property
@@ -216,6 +220,7 @@ class Preset:
 
     @property
     def quality_cost(self) -> str:
+        """What it gives up in quality, in words ("none" when nothing), with the slowdown of offload."""
         parts = [QUALITY_TEXT[(axis, c)] for axis, c in self.axes.items() if (axis, c) in QUALITY_TEXT]
         text = "; ".join(parts) or "none"
         if self.placement == "sequential":
@@ -403,6 +408,7 @@ class Preset:
         return None
 
     def to_dict(self) -> dict:
+        """The preset, its choices and its costs as a plain dict."""
         return {
             "name": self.name,
             "label": self.label,

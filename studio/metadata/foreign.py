@@ -14,6 +14,8 @@ from studio.metadata.infotext import guess_variant
 
 
 def invokeai_fields(data: dict) -> dict[str, Any]:
+    """InvokeAI's ``invokeai_metadata`` chunk → studio fields (prompts, seed, steps, CFG, size,
+    scheduler, strength, model and its variant, mode); unreadable values are left out."""
     fields: dict[str, Any] = {}
     for src, dst, kind in (
         ("positive_prompt", "prompt", str),
@@ -50,6 +52,7 @@ def invokeai_fields(data: dict) -> dict[str, Any]:
 
 
 def invokeai_legacy_fields(data: dict) -> dict[str, Any]:
+    """Older InvokeAI's ``sd-metadata`` chunk (an ``image`` dict and ``model_weights``) → studio fields."""
     image = data.get("image") if isinstance(data.get("image"), dict) else {}
     prompt = image.get("prompt")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):

@@ -10,6 +10,7 @@ TAG_RE = re.compile(r"<lora:([^:<>\n]+):([^:<>\n]+)>")
 
 
 def format_weight(weight) -> str:
+    """A LoRA weight as it is written in tags and text: ``0.8``, ``1`` (no trailing zeros)."""
     return f"{float(weight):g}"
 
 

@@ -107,6 +107,7 @@ class PngInfo:
 
     @property
     def ok(self) -> bool:
+        """Whether everything could be read (no ``error``)."""
         return self.error is None
 
 

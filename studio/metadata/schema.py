@@ -23,6 +23,8 @@ MAX_LIST = 64  # items of one list field read from outside
 
 @dataclass(frozen=True)
 class Field:
+    """One metadata field: its name, the kind of value it holds, what it means, and whether
+    "reuse parameters" sets it on a request."""
     name: str
     kind: str  # "str" | "int" | "float" | "bool" | "sha256" | "hex" | "slg" | "loras" | "box" | "text_map" | "hash_map" | "dict" | "str_list" | "upscaler" | "controlnets" | "controls"
     doc: str
@@ -297,4 +299,5 @@ def request_fields(fields: dict) -> dict:
 
 
 def kind_of(name: str) -> str:
+    """The kind of value the field ``name`` holds ("str", "int", "sha256", …)."""
     return FIELDS[name].kind

@@ -63,12 +63,14 @@ MAX_CACHED = 2  # ControlNets kept in RAM beside the ones in use
 
 @dataclass(frozen=True)
 class ControlNetSource:
+    """Where a ControlNet comes from: a Hub repo, a folder or a file (and its catalog entry, if any)."""
     kind: str  # "hub" | "folder" | "file"
     ref: str  # repo id or absolute path
     entry: ControlNetEntry | None = None  # the catalog entry, when the source is a catalog id
 
     @property
     def name(self) -> str:
+        """The name metadata and messages use: the catalog id, the Hub id, or the folder / file name."""
         if self.entry:
             return self.entry.id
         if self.kind == "hub":
@@ -368,6 +370,8 @@ def load_controlnet_folder(folder: str | Path, dtype=None):
 
 @dataclass
 class LoadedControlNet:
+    """A loaded ControlNet: the model, its name and content hash, where it came from, its config and
+    control type."""
     model: object  # SD3ControlNetModel
     name: str  # catalog id, folder/file stem or Hub id
     sha256: str  # content identity (file sha256, or the folder identity)
@@ -384,6 +388,7 @@ class LoadedControlNet:
 
     @property
     def inpaint(self) -> bool:
+        """Whether it is an inpainting ControlNet (its config has extra conditioning channels)."""
         return bool(self.config.get("extra_conditioning_channels"))
 
 
@@ -406,10 +411,13 @@ class ControlNetLibrary:
         return hub_snapshot(src.ref, CONTROLNET_ALLOW, progress, what=f"the ControlNet {src.name}")
 
     def identity(self, path: Path) -> str:
+        """The content identity of a ControlNet file (its sha256) or folder."""
         return self.hashes.file_hash(path) if path.is_file() else self.hashes.folder_identity(path)
 
     def get(self, spec: str, dtype=None, base_config: dict | None = None,
             progress: ProgressFn | None = None) -> LoadedControlNet:
+        """The ControlNet ``spec`` names (catalog id, Hub id, folder or file) at ``dtype``: from the
+        cache when the same content is held, else loaded (downloaded first for the Hub)."""
         src = parse_controlnet_source(spec)
         progress = progress or self.progress
         with self.lock:
@@ -435,10 +443,12 @@ class ControlNetLibrary:
             return loaded
 
     def cached(self) -> list[str]:
+        """The names of the ControlNets held in RAM, least recently used first."""
         with self.lock:
             return [c.name for c in self._cache.values()]
 
     def clear(self) -> None:
+        """Drop every cached ControlNet."""
         with self.lock:
             self._cache.clear()
 

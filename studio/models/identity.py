@@ -45,6 +45,8 @@ class HashCache:
                 self._data = {}
 
     def file_hash(self, file: Path) -> str:
+        """The sha256 of a file: a Hugging Face blob's own name when it is one, else hashed once and
+        cached by (path, size, mtime)."""
         real = file.resolve()
         if file.is_symlink() and _HEX64.match(real.name):
             return real.name
@@ -82,6 +84,8 @@ class HashCache:
         return file_sha256(path)
 
     def folder_identity(self, folder: Path, extra: str = "") -> str:
+        """A folder's identity: a hash of each file's relative path and sha256 (hidden files skipped,
+        ``extra`` mixed in), 32 hex digits."""
         h = hashlib.sha256(extra.encode())
         for f in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
             h.update(f.relative_to(folder).as_posix().encode())

@@ -183,10 +183,12 @@ class Plan:
 
     @property
     def text_encoders(self) -> bool:
+        """Whether the file changes CLIP-L or CLIP-G too, not only the transformer."""
         return any(t.component != "transformer" for t in self.targets.values())
 
     @property
     def t5(self) -> list[str]:
+        """The T5 modules of the file (``lora_te3_…``), which the studio does not apply."""
         return [m for m, why in self.unmatched.items() if why == "t5"]
 
     def reasons(self) -> str:

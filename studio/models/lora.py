@@ -55,6 +55,8 @@ class LoraFormat:
 
 @dataclass(frozen=True)
 class LoraInfo:
+    """One inspected LoRA file: its name, path, hashes, size, format, whether it changes the text
+    encoders, and what of it is not applied."""
     name: str
     path: Path
     sha256: str
@@ -163,6 +165,8 @@ class LoraLibrary:
                        if p.is_file() and NAME_RE.match(p.stem)), key=str.lower)
 
     def path_for(self, name: str) -> Path:
+        """The file of the LoRA called ``name`` (LoraError when the name is malformed or not in the
+        folder)."""
         if not isinstance(name, str) or not NAME_RE.match(name.strip()):
             raise LoraError(f"{name!r} is not a LoRA name: use the file name without .safetensors "
                             "(letters, digits, spaces, '_', '-', '.').")

@@ -66,20 +66,24 @@ class LoadedModel:
 
     @property
     def label(self) -> str:
+        """What the UI calls the model: the variant's label, marked when it is the tiny demo."""
         return self.variant.label + (" (tiny demo)" if self.is_tiny else "")
 
     @property
     def native_size(self) -> tuple[int, int]:
+        """The (width, height) the transformer was trained at."""
         side = self.pipe.transformer.config.sample_size * self.pipe.vae_scale_factor
         return side, side
 
     @property
     def max_side(self) -> int:
+        """The largest side in pixels the transformer's position embedding covers."""
         cfg = self.pipe.transformer.config
         return cfg.pos_embed_max_size * cfg.patch_size * self.pipe.vae_scale_factor
 
     @property
     def dtype(self):
+        """The torch dtype the model was loaded in."""
         return self.placement.dtype
 
 
@@ -339,6 +343,8 @@ class ModelManager:
                 self._sizes.pop(ident, None)
 
     def unload(self) -> None:
+        """Drop the loaded model, its sibling pipelines, the ControlNets and the shared components, and
+        free the memory."""
         with self.lock:
             self.current = None
             self._img2img = None
@@ -482,6 +488,7 @@ class ModelManager:
             return n
 
     def active_loras(self) -> list[str]:
+        """The adapter names of the LoRAs on the loaded model, sorted ([] with no model)."""
         if self.current is None:
             return []
         return sorted(_adapters_of(self.current.pipe))
@@ -601,6 +608,7 @@ def _default_cache_budget() -> int:
 
 
 def free_memory() -> None:
+    """Collect garbage and give cached CUDA memory back (never fails)."""
     import gc
 
     gc.collect()

@@ -35,6 +35,8 @@ class Placement:
 
 
 def default_placement(device: str | None = None) -> Placement:
+    """The placement when no preset decides: ``device`` (default: CUDA, else MPS, else the CPU)
+    at its usual dtype (bf16, fp16, fp32), resident."""
     import torch
 
     if device is None:

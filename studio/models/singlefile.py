@@ -110,6 +110,7 @@ _MAX_HEADER = 100 << 20
 
 @dataclass(frozen=True)
 class TensorInfo:
+    """One tensor of a safetensors header: its dtype, shape and byte range in the file."""
     dtype: str
     shape: tuple[int, ...]
     start: int  # absolute byte offsets in the file
@@ -176,6 +177,8 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
 
 @dataclass(frozen=True)
 class FileInfo:
+    """What a single-file checkpoint holds: the variant and transformer shape its keys show, whether
+    the VAE and text encoders are inside, and every tensor."""
     path: Path
     variant: str
     prefix: str  # what precedes "joint_blocks." (normally "model.diffusion_model.")
@@ -192,6 +195,7 @@ class FileInfo:
 
     @property
     def has_vae(self) -> bool:
+        """Whether the file carries the VAE."""
         return self.vae_prefix is not None
 
     def _all_transformer_keys(self) -> list[str]:
@@ -205,6 +209,7 @@ class FileInfo:
         return [k for k in self._all_transformer_keys() if not _is_scale_key(k)]
 
     def vae_keys(self) -> list[str]:
+        """The VAE's weights (without scaled-fp8 scales); [] when the file has no VAE."""
         return [k for k in self.tensors if self.vae_prefix and k.startswith(self.vae_prefix) and not _is_scale_key(k)]
 
     def scales(self) -> dict[str, str]:
@@ -660,6 +665,7 @@ class FileComponent:
     loader: Callable[[Placement], object] = field(repr=False)
 
     def load(self, placement: Placement):
+        """Build the component for ``placement``."""
         return self.loader(placement)
 
 

@@ -37,6 +37,7 @@ ProgressFn = Callable[[str, float | None], None]  # (message, fraction 0..1 or N
 
 @dataclass(frozen=True)
 class ModelSource:
+    """What ``--model`` names: a Hub repo, a diffusers folder or a single file (its string is ``ref``)."""
     kind: str  # "hub" | "folder" | "file"
     ref: str  # repo id, or an absolute path
 
@@ -85,6 +86,7 @@ def parse_source(spec: str) -> ModelSource:
 
 
 def short_error(e: Exception) -> str:
+    """An exception's first line for a message (at most 300 characters; its class name when it has none)."""
     text = str(e).strip().splitlines()
     return (text[0] if text else type(e).__name__)[:300]
 
@@ -93,6 +95,7 @@ def short_error(e: Exception) -> str:
 
 
 def missing_weights_message(repo_id: str) -> str:
+    """What to do when a gated repo's weights are not on this machine and cannot be downloaded."""
     return (
         f"The weights of {repo_id} are not on this machine. To get them: accept the licence at "
         f"https://huggingface.co/{repo_id} (the repo is gated), log in with `hf auth login` or "

@@ -344,6 +344,8 @@ class UpscalerLibrary:
 
     @staticmethod
     def check_name(name) -> str:
+        """``name`` stripped, when it is a well-formed upscaler file name that no built-in upscaler
+        takes (UpscalerError otherwise)."""
         if not isinstance(name, str) or not NAME_RE.match(name.strip()):
             raise UpscalerError(f"{name!r} is not an upscaler name: use the file name without its suffix "
                                 "(letters, digits, spaces, '_', '-', '.').")
@@ -353,6 +355,8 @@ class UpscalerLibrary:
         return name
 
     def path_for(self, name: str) -> Path:
+        """The file of the upscaler called ``name`` (UpscalerError when the name is malformed or not
+        in the folder)."""
         name = self.check_name(name)
         path = self._files().get(name)
         if path is None:
@@ -426,6 +430,7 @@ class UpscalerLibrary:
             return list(self._loaded)
 
     def clear_cache(self) -> None:
+        """Drop the upscalers held in RAM (what was identified stays known)."""
         with self._lock:
             self._loaded.clear()
 
