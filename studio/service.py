@@ -198,9 +198,11 @@ class Studio:
         """Refuse a bad request before any model is loaded (a bad width costs no load).
 
         Checks everything but the image inputs against the catalog variant the request will run
-        on; the engine checks again, fully, against the loaded model."""
+        on; the engine checks again, fully, against the loaded model. On a shared deployment
+        ControlNets come from the catalog only (:meth:`check_controlnet_sources`)."""
         from studio.engine import validate
 
+        self.check_controlnet_sources(req)
         name = req.variant or (TURBO_VARIANT if req.mode == "turbo" else None)
         current = self.current
         if name is None:

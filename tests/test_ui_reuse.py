@@ -43,7 +43,7 @@ def ui(studio):
 
 
 def _components(tab) -> list:
-    comps = list(tab.inputs()) + list(tab.reuse_targets())
+    comps = list(tab.inputs()) + list(tab.extra_inputs()) + list(tab.reuse_targets())
     if tab.lora_group() is not None:
         comps += tab.lora_group().components()
     return list(dict.fromkeys(comps))

@@ -12,7 +12,7 @@ import gradio as gr
 
 from dataclasses import dataclass
 
-from . import api, tab_gallery, tab_img2img, tab_inpaint, tab_models, tab_turbo, tab_txt2img
+from . import api, tab_control, tab_gallery, tab_img2img, tab_inpaint, tab_models, tab_turbo, tab_txt2img
 from studio.catalog import VARIANTS
 from studio.engine.limits import IMAGE_MODES
 from studio.metadata import clean, request_fields
@@ -24,6 +24,7 @@ CSS = (Path(__file__).with_name("style.css")).read_text()
 
 
 def launch_options() -> dict:
+    """The theme and CSS ``launch()`` takes (Gradio 6: they belong to launch, not Blocks)."""
     theme = gr.themes.Soft(
         primary_hue="indigo",
         secondary_hue="slate",
@@ -48,6 +49,7 @@ def launch_options() -> dict:
 
 
 def build_app(studio) -> gr.Blocks:
+    """The whole page for ``studio``: the header, one tab per module, the cross-tab wiring and the API."""
     ctx = UIContext.create(studio)
     with gr.Blocks(title="SD3.5 Studio", analytics_enabled=False, fill_width=True) as demo:
         header = gr.HTML(status_html(studio), elem_id="sd-header")
@@ -62,24 +64,28 @@ def build_app(studio) -> gr.Blocks:
                 inpaint = tab_inpaint.create_ui(ctx)
             with gr.Tab("Turbo", id="turbo", elem_id="tab-turbo") as t_turbo:
                 turbo = tab_turbo.create_ui(ctx)
+            with gr.Tab("Control", id="control", elem_id="tab-control") as t_control:
+                control = tab_control.create_ui(ctx)
             with gr.Tab("Gallery", id="gallery", elem_id="tab-gallery") as t_gal:
                 gal = tab_gallery.create_ui(ctx)
             with gr.Tab("Models & Memory", id="models", elem_id="tab-models") as t_models:
                 models = tab_models.create_ui(ctx)
-        gen_tabs = {"txt2img": txt, "img2img": img, "turbo": turbo, "inpaint": inpaint}
+        gen_tabs = {"txt2img": txt, "img2img": img, "turbo": turbo, "inpaint": inpaint, "control": control}
         for t in gen_tabs.values():
             t.wire()
         api.register(ctx)
         _wire_cross_tab(ctx, header, tabs, gen_tabs, gal, models, {"gallery": t_gal, "models": t_models,
                                                                   "txt2img": t_txt, "img2img": t_img,
-                                                                  "turbo": t_turbo, "inpaint": t_inpaint})
+                                                                  "turbo": t_turbo, "inpaint": t_inpaint,
+                                                                  "control": t_control})
         size_updates, size_targets = ctx.extra["size_refresh"]
         demo.load(lambda: {header: status_html(studio), **size_updates()}, None, [header, *size_targets],
                   queue=False, api_visibility="private")
     return demo
 
 
-TAB_NAMES = {"txt2img": "Text to image", "img2img": "Image to image", "inpaint": "Inpaint", "turbo": "Turbo"}
+TAB_NAMES = {"txt2img": "Text to image", "img2img": "Image to image", "inpaint": "Inpaint", "turbo": "Turbo",
+             "control": "Control"}
 
 
 @dataclass
@@ -91,22 +97,28 @@ class ReuseNote:
     switched: str | None = None
 
 
-def reuse_updates(ctx, gen_tabs: dict, raw, inputs: dict | None = None) -> tuple[dict, ReuseNote]:
+def reuse_updates(ctx, gen_tabs: dict, raw, inputs: dict | None = None,
+                  source: str = "studio") -> tuple[dict, ReuseNote]:
     """The updates "reuse parameters" makes, set so that Generate gives the same pixels again.
 
     ``raw`` is an image's metadata (the gallery's, or a dropped PNG's: data, cleaned by the
     schema); ``inputs`` its stored init image and mask (by gallery id, owner-checked). It fills
     the tab the image came from; switches the main tabs to the variant it was made with, and
     says so; and asks for the run it came from — batch count 1, its batch size and the run's
-    first seed — since an image of a batch is not bit for bit the same image made alone."""
-    fields = request_fields(raw or {})
+    first seed — since an image of a batch is not bit for bit the same image made alone.
+    Peer names (A1111's samplers, ComfyUI's schedulers, styles, ControlNets) are mapped by
+    ``Studio.reuse_fields`` (``source``: the tool that wrote the PNG); what did not map is said.
+    An image made with a ControlNet opens the Control tab."""
+    fields, said = call(ctx.studio.reuse_fields, raw or {}, source)
     if not fields:
         raise gr.Error("Select an image (or drop a PNG with metadata) first.", print_exception=False)
     meta = clean(raw)
     inputs = inputs or {}
     mode = fields.get("mode") if fields.get("mode") in gen_tabs else "txt2img"
+    if mode == "txt2img" and fields.get("controls") and "control" in gen_tabs:
+        mode = "control"
     target = gen_tabs[mode]
-    said = []
+    said = [n.rstrip(".") for n in said]
     size = fields.get("batch_size") if isinstance(fields.get("batch_size"), int) else 1
     size = max(1, size) if "image_index" in meta else 1  # a foreign PNG's seed is its own
     index = meta.get("image_index") or 0
@@ -175,11 +187,11 @@ def _wire_cross_tab(ctx, header, tabs, gen_tabs, gal, models, tab_blocks) -> Non
         if t.size is not None and t.size.aspect not in targets:
             targets.append(t.size.aspect)
 
-    def reuse(fields, inputs=None):
+    def reuse(fields, inputs=None, source="studio"):
         """Fill the tab an image came from. ``fields`` are cleaned by the schema (a dropped PNG's
-        metadata is data); ``inputs`` are the stored init image / mask, found by the gallery id
-        after the owner check — never by anything a PNG says."""
-        out, message = reuse_updates(ctx, gen_tabs, fields, inputs)
+        metadata is data); ``inputs`` are the stored init image / mask / control images, found by
+        the gallery id after the owner check — never by anything a PNG says."""
+        out, message = reuse_updates(ctx, gen_tabs, fields, inputs, source if isinstance(source, str) else "studio")
         out[tabs] = gr.Tabs(selected=message.tab)
         if message.switched:
             out[models.variant] = message.switched
@@ -193,10 +205,10 @@ def _wire_cross_tab(ctx, header, tabs, gen_tabs, gal, models, tab_blocks) -> Non
     # queued (one at a time): reuse decodes the stored init image and mask for the editor
     gal.reuse_btn.click(reuse_selected, [gal.selected_fields, gal.selected_id], [*targets, tabs],
                         **private)
-    gal.png_reuse.click(reuse, gal.png_fields, [*targets, tabs], **private)
+    gal.png_reuse.click(reuse, [gal.png_fields, gr.State(None), gal.png_kind], [*targets, tabs], **private)
 
     # Model changes: header, and the recommended steps / guidance / SLG offer in the main tabs.
-    main_tabs = [gen_tabs["txt2img"], gen_tabs["img2img"], gen_tabs["inpaint"]]
+    main_tabs = [gen_tabs["txt2img"], gen_tabs["img2img"], gen_tabs["inpaint"], gen_tabs["control"]]
     variant_targets = [c for t in main_tabs for c in t.variant_targets()]
 
     sizes = [t.size for t in gen_tabs.values() if t.size is not None]
@@ -229,5 +241,5 @@ def _wire_cross_tab(ctx, header, tabs, gen_tabs, gal, models, tab_blocks) -> Non
     tab_blocks["gallery"].select(fn, inputs, outputs, concurrency_limit=None, show_progress="hidden", **private)
     tab_blocks["models"].select(models.opened, [models.variant, models.preset], models.opened_targets(),
                                 concurrency_limit=None, show_progress="hidden", **private)
-    for name in ("txt2img", "img2img", "turbo", "inpaint", "gallery"):
+    for name in ("txt2img", "img2img", "turbo", "inpaint", "control", "gallery"):
         tab_blocks[name].select(lambda: gr.Timer(active=False), None, models.timer, queue=False, **private)

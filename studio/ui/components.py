@@ -44,6 +44,7 @@ class RawNumber(_Builtin, gr.Number):
     BLOCK_NAME, BASE = "number", gr.Number
 
     def preprocess(self, payload):
+        """The value as the client sent it."""
         return payload
 
 
@@ -57,6 +58,7 @@ class ImagePath(_Builtin, gr.Image):
         super().__init__(*args, **kwargs)
 
     def preprocess(self, payload):
+        """The uploaded file's path (pasted data URLs are written to Gradio's cache first)."""
         if payload is None:
             return None
         if getattr(payload, "url", None) and str(payload.url).startswith("data:"):
@@ -75,6 +77,7 @@ class ImageMaskPaths(_Builtin, gr.ImageMask):
         super().__init__(*args, **kwargs)
 
     def convert_and_format_image(self, file, flatten_on_white: bool = False):
+        """A layer's file path, as uploaded (bytes are written to Gradio's cache)."""
         if file is None:
             return None
         if isinstance(file, FileData):

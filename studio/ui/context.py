@@ -11,6 +11,7 @@ from .jobs import Jobs
 
 @dataclass
 class UIContext:
+    """The studio, the job runner and the variant the main tabs generate with, shared by every tab."""
     studio: object
     jobs: Jobs
     # The variant txt2img/img2img run on: the one chosen in Models & Memory (or --variant), so a
@@ -21,6 +22,7 @@ class UIContext:
 
     @classmethod
     def create(cls, studio) -> "UIContext":
+        """The context for a studio (the main variant starts as ``--variant``)."""
         return cls(studio, Jobs(studio), main_variant=studio.config.variant)
 
     def variant(self) -> Variant:
@@ -33,6 +35,7 @@ class UIContext:
         return VARIANTS[DEFAULT_VARIANT]
 
     def current(self):
+        """The loaded model, or None (never loads one)."""
         return self.studio.current
 
     def native_size(self):
@@ -77,6 +80,7 @@ class UIContext:
         return str(self.studio.config.loras_dir)
 
     def remember(self, result_variant: str | None) -> None:
+        """After a run on the loaded model, the main tabs stay on its variant (never Turbo's)."""
         if self.main_variant is None and result_variant and result_variant != TURBO_VARIANT:
             self.main_variant = result_variant
 

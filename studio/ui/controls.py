@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import gradio as gr
 
-from studio.catalog import ASPECT_PRESETS, MAX_SIDE
+from studio.catalog import ASPECT_PRESETS, MAX_SIDE, VARIANTS
 from studio.engine.limits import LIMITS, snap
+from studio.engine.samplers import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES
 
 NATIVE = "Native (model size)"
 MATCH_INIT = "Match init image"
@@ -59,19 +60,26 @@ def clamp_note(label: str, lo: float, hi: float, raw) -> str | None:
 
 
 class PromptRow:
-    """Prompt + negative prompt on the left, Generate / Cancel on the right."""
+    """Prompt (with its token counter), negative prompt and styles on the left, Generate / Cancel
+    on the right."""
 
-    def __init__(self, prefix: str, negative: bool = True, placeholder: str = "Describe the image…"):
+    def __init__(self, prefix: str, negative: bool = True, placeholder: str = "Describe the image…",
+                 styles=()):
         with gr.Row(equal_height=False, elem_classes=["prompt-row"]):
             with gr.Column(scale=8, min_width=320):
                 self.prompt = gr.Textbox(
                     label="Prompt", lines=3, max_lines=12, placeholder=placeholder,
                     elem_id=f"{prefix}-prompt",
                 )
+                # what the encoders will read, before Generate (filled once a model is loaded)
+                self.tokens = gr.Markdown("", elem_id=f"{prefix}-tokens", elem_classes=["token-count"])
                 self.negative = gr.Textbox(
                     label="Negative prompt", lines=1, max_lines=6, visible=negative,
                     placeholder="What to avoid (used only with CFG)", elem_id=f"{prefix}-negative",
                 )
+                self.styles = gr.Dropdown(list(styles), value=[], multiselect=True, label="Styles",
+                                          info="from styles.csv (A1111's format), applied in order",
+                                          elem_id=f"{prefix}-styles")
             with gr.Column(scale=1, min_width=150, elem_classes=["action-col"]):
                 self.generate = gr.Button("Generate", variant="primary", size="lg",
                                           elem_id=f"{prefix}-generate", elem_classes=["generate-btn"])
@@ -127,6 +135,7 @@ class SizeGroup:
                            [self.width, self.height, self.custom_row], queue=False, api_visibility="private")
 
     def presets(self) -> dict[str, tuple[int, int]]:
+        """Ratio → (width, height) for the tab's model now."""
         return preset_sizes(self.limit()[0])
 
     def choices(self) -> dict:
@@ -170,10 +179,19 @@ class SizeGroup:
         return [gr.update(value=CUSTOM), width, height, gr.update(visible=True)]
 
 
+AUTOMATIC = "Automatic"
+
+
 class SamplingGroup:
-    """Steps and guidance (defaults: the variant's recommendation)."""
+    """Sampler and schedule (Forge's names), steps and guidance (defaults: the variant's
+    recommendation). Changing the sampler never reloads the model."""
 
     def __init__(self, prefix: str, steps: int, guidance: float, guidance_visible: bool = True):
+        with gr.Row():
+            self.sampler = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler",
+                                       elem_id=f"{prefix}-sampler")
+            self.schedule = gr.Dropdown([AUTOMATIC, *SCHEDULES], value=AUTOMATIC, label="Schedule type",
+                                        info="Automatic: the sampler's own", elem_id=f"{prefix}-schedule")
         with gr.Row():
             self.steps = slider("steps", value=steps, elem_id=f"{prefix}-steps")
             self.guidance = slider("guidance", value=guidance, label="Guidance (CFG)", visible=guidance_visible,
@@ -181,6 +199,7 @@ class SamplingGroup:
 
 
 class BatchGroup:
+    """Batch count (runs) and batch size (images per run)."""
     def __init__(self, prefix: str):
         with gr.Row():
             self.batch_count = slider("batch_count", elem_id=f"{prefix}-batch-count")
@@ -200,7 +219,58 @@ class AdvancedGroup:
             with gr.Row():
                 self.shift = slider("shift", elem_id=f"{prefix}-shift")
                 self.max_sequence_length = slider("max_sequence_length", elem_id=f"{prefix}-msl")
+            self.prompt_weighting = gr.Checkbox(
+                True, label="Prompt weighting", elem_id=f"{prefix}-weighting",
+                info="A1111's (word:1.2) syntax and 75-token CLIP chunks; off: the prompt is literal text")
+            self.prompt_3 = gr.Textbox("", label="T5 prompt", lines=2, max_lines=8, elem_id=f"{prefix}-prompt3",
+                                       placeholder="What T5 reads instead of the prompt (empty: the prompt)")
+            self.negative_prompt_3 = gr.Textbox("", label="T5 negative prompt", lines=1, max_lines=4,
+                                                elem_id=f"{prefix}-negative3",
+                                                placeholder="Empty: the negative prompt")
         self.loras = LoraGroup(prefix)
+
+
+SAME_MODEL = "Same model"
+
+
+class HiresGroup:
+    """Hires fix (as A1111's): the first pass at the chosen size, upscaled by a factor with an
+    upscaler, then a second img2img pass at the hires denoise — optionally on another variant
+    (Large → Medium, Stability's recipe). Off unless enabled."""
+
+    def __init__(self, prefix: str, mode: str = "txt2img"):
+        with gr.Accordion("Hires fix", open=False, elem_id=f"{prefix}-hires") as self.accordion:
+            self.enabled = gr.Checkbox(False, label="Enable hires fix", elem_id=f"{prefix}-hires-on")
+            with gr.Row():
+                self.upscaler = gr.Dropdown(["Lanczos"], value="Lanczos", label="Upscaler", allow_custom_value=True,
+                                            elem_id=f"{prefix}-hires-upscaler")
+                self.scale = slider("hires_scale", mode, value=2.0, elem_id=f"{prefix}-hires-scale")
+            with gr.Row():
+                self.steps = slider("hires_steps", mode, value=0, elem_id=f"{prefix}-hires-steps",
+                                    info="0: half the first pass's steps")
+                self.denoise = slider("hires_denoise", mode, elem_id=f"{prefix}-hires-denoise")
+            self.variant = gr.Dropdown([SAME_MODEL, *((v.label, k) for k, v in VARIANTS.items())], value=SAME_MODEL,
+                                       label="Second pass model", visible=mode != "turbo",
+                                       info="e.g. Large, then Medium: the encoders and VAE are shared",
+                                       elem_id=f"{prefix}-hires-variant")
+
+    def components(self) -> list:
+        """Every input of the group."""
+        return [self.enabled, self.upscaler, self.scale, self.steps, self.denoise, self.variant]
+
+    def fields(self, v: dict) -> dict:
+        """The request's hires fields (none while the hires fix is off)."""
+        if not v.get(self.enabled):
+            return {}
+        variant = v.get(self.variant)
+        return {"hires_scale": v.get(self.scale), "hires_steps": v.get(self.steps) or None,
+                "hires_denoise": v.get(self.denoise), "hires_upscaler": v.get(self.upscaler) or None,
+                "hires_variant": None if variant in (None, "", SAME_MODEL) else variant}
+
+    def field_components(self) -> dict:
+        """studio field name -> component, for reuse parameters."""
+        return {"hires_scale": self.scale, "hires_steps": self.steps, "hires_denoise": self.denoise,
+                "hires_upscaler": self.upscaler, "hires_variant": self.variant}
 
 
 LORA_SLOTS = 4
@@ -228,6 +298,7 @@ class LoraGroup:
             self.status = gr.Markdown("", elem_id=f"{prefix}-lora-status")
 
     def components(self) -> list:
+        """Every slot's name and weight components."""
         return [c for pair in self.slots for c in pair]
 
     def hint(self, choices) -> str:

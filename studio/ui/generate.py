@@ -6,14 +6,16 @@ from __future__ import annotations
 import gradio as gr
 
 from studio.catalog import DEFAULT_VARIANT, TURBO_VARIANT, VARIANTS
+from studio.engine.limits import LIMITS
 from studio.engine.request import build_request
 from studio.metadata.loras import selection_from_fields
 
-from .controls import ResultPanel, SeedRow, progress_html
+from .controls import AUTOMATIC, ResultPanel, SeedRow, progress_html
 from .jobs import as_gr_error, call, error, gpu_event, notify, user_errors
 
 
 def slg_offered(variant) -> bool:
+    """Whether Skip Layer Guidance is offered for a variant (the Medium ones)."""
     return "medium" in variant.name
 
 
@@ -32,11 +34,13 @@ class GenTab:
         self.sampling = None
         self.batch = None
         self.advanced = None
+        self.hires = None  # a HiresGroup (txt2img, Turbo, Control)
         self.loras = None  # a LoraGroup of its own (Turbo); the others have one under Advanced
 
     # -- filled in by subclasses --
 
     def inputs(self) -> list:
+        """The components whose values make the request (the subclass lists them)."""
         raise NotImplementedError
 
     def fields(self, v: dict) -> dict:
@@ -58,7 +62,43 @@ class GenTab:
             f["loras"] = self.lora_group().selection(v)
         if self.mode != "turbo":
             f["variant"] = self.ctx.variant_for_request()
+        f.update(self.prompt_fields(v))
+        if self.hires is not None:
+            f.update(self.hires.fields(v))
         return f
+
+    def prompt_fields(self, v: dict) -> dict:
+        """Sampler, schedule, styles and the prompt controls under Advanced (#16), for the
+        components present in ``v`` (the engine's defaults fill the rest)."""
+        f = {}
+        if self.prompt_row.styles in v:
+            f["styles"] = list(v[self.prompt_row.styles] or [])
+        if self.sampling is not None:
+            if self.sampling.sampler in v:
+                f["sampler"] = v[self.sampling.sampler]
+            if self.sampling.schedule in v:
+                schedule = v[self.sampling.schedule]
+                f["schedule"] = None if schedule in (None, "", AUTOMATIC) else schedule
+        adv = self.advanced
+        if adv is not None and hasattr(adv, "prompt_3"):
+            if adv.prompt_3 in v:
+                f["prompt_3"] = v[adv.prompt_3] or ""
+            if adv.prompt_weighting in v:
+                f["prompt_weighting"] = bool(v[adv.prompt_weighting])
+            if self.prompt_row.negative.visible and adv.negative_prompt_3 in v:
+                f["negative_prompt_3"] = v[adv.negative_prompt_3] or ""
+        return f
+
+    def extra_inputs(self) -> list:
+        """The shared groups' inputs beyond the subclass's list (sampler, styles, prompt controls, hires)."""
+        out = [self.prompt_row.styles]
+        if self.sampling is not None:
+            out += [self.sampling.sampler, self.sampling.schedule]
+        if self.advanced is not None and hasattr(self.advanced, "prompt_3"):
+            out += [self.advanced.prompt_3, self.advanced.negative_prompt_3, self.advanced.prompt_weighting]
+        if self.hires is not None:
+            out += self.hires.components()
+        return out
 
     def request(self, values: dict):
         """The GenerationRequest for the tab's values (the one builder: ``build_request``)."""
@@ -79,17 +119,28 @@ class GenTab:
         if self.advanced is not None:
             d["shift"] = self.advanced.shift
             d["max_sequence_length"] = self.advanced.max_sequence_length
+            if hasattr(self.advanced, "prompt_3"):
+                d.update(prompt_3=self.advanced.prompt_3, prompt_weighting=self.advanced.prompt_weighting)
+                if self.prompt_row.negative.visible:
+                    d["negative_prompt_3"] = self.advanced.negative_prompt_3
+        if self.sampling is not None:
+            d.update(sampler=self.sampling.sampler, schedule=self.sampling.schedule)
+        d["styles"] = self.prompt_row.styles
+        if self.hires is not None:
+            d.update(self.hires.field_components())
         return d
 
     # -- wiring --
 
     def outputs(self) -> list:
+        """What the Generate handler updates."""
         r = self.result
         out = [r.progress, r.preview, r.gallery, r.info, r.paths, r.texts, self.seed_row.last_seed,
                self.ctx.extra["header"]]
         return out + ([self.size.aspect] if self.size is not None else [])
 
     def lora_group(self):
+        """The tab's LoRA panel (its own, or the one under Advanced), or None."""
         return self.loras if self.loras is not None else getattr(self.advanced, "loras", None)
 
     def image_checks(self) -> list:
@@ -97,8 +148,10 @@ class GenTab:
         return []
 
     def wire(self) -> None:
+        """Register the tab's events: Generate (under the GPU lock), Cancel, the upload checks, the LoRA panel."""
         r = self.result
-        inputs = set(self.inputs()) | {r.paths}
+        inputs = set(self.inputs()) | set(self.extra_inputs()) | {r.paths}
+        self._wire_prompt_helpers()
         if self.lora_group() is not None:
             inputs |= set(self.lora_group().components())
             self._wire_loras(self.lora_group())
@@ -111,6 +164,31 @@ class GenTab:
         for component, field in self.image_checks():
             component.upload(self._check_upload(field), component, None, concurrency_limit=None,
                              show_progress="hidden", api_visibility="private")
+
+    def _wire_prompt_helpers(self) -> None:
+        """The live token counter under the prompt, the styles list (re-read on focus: the user may
+        edit styles.csv) and the hires upscalers (re-listed when the accordion opens)."""
+        studio = self.ctx.studio
+        private = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
+        row, adv = self.prompt_row, self.advanced
+        sources = [row.prompt]
+        if adv is not None:
+            sources += [adv.max_sequence_length] + ([adv.prompt_3, adv.prompt_weighting]
+                                                    if hasattr(adv, "prompt_3") else [])
+
+        def count(prompt, msl=256, prompt_3="", weighting=True):
+            try:
+                text = studio.count_tokens(prompt, msl, prompt_3 or None, weighting)
+            except user_errors():
+                return ""  # an out-of-range slider value: Generate says what is wrong
+            return f"Tokens: {text}" if text else ""
+
+        for comp in sources:
+            comp.change(count, sources, row.tokens, trigger_mode="always_last", **private)
+        row.styles.focus(lambda: gr.update(choices=call(studio.style_names)), None, row.styles, **private)
+        if self.hires is not None:
+            self.hires.accordion.expand(lambda: gr.update(choices=call(studio.hires_upscaler_choices)), None,
+                                        self.hires.upscaler, **private)
 
     def _check_upload(self, field: str):
         """An upload handler: the engine's header check now, so a file that is not an image (a
@@ -255,13 +333,19 @@ class GenTab:
             value = fields.get(name)
             if value is None:
                 continue
-            if name in ("prompt", "negative_prompt"):
-                out[comp] = str(value)
-            else:
+            if name in LIMITS:
                 try:
-                    out[comp] = float(value) if name in ("guidance", "shift", "strength") else int(value)
+                    out[comp] = int(value) if LIMITS[name].integer else float(value)
                 except (TypeError, ValueError):
                     continue
+            elif name == "styles":
+                out[comp] = [str(x) for x in value] if isinstance(value, list) else []
+            elif name == "prompt_weighting":
+                out[comp] = bool(value)
+            else:
+                out[comp] = str(value)
+        if self.hires is not None:  # an image made with hires fix turns it on again
+            out[self.hires.enabled] = isinstance(fields.get("hires_scale"), (int, float)) and fields["hires_scale"] > 1
         w, h = fields.get("width"), fields.get("height")
         if self.size is not None and w and h:
             try:
@@ -280,7 +364,10 @@ class GenTab:
         return out
 
     def reuse_targets(self) -> list:
+        """Every component reuse parameters may update in this tab."""
         comps = list(self.field_components().values())
+        if self.hires is not None:
+            comps.append(self.hires.enabled)
         if self.size is not None:
             comps += [self.size.aspect, self.size.width, self.size.height, self.size.custom_row]
         if self.advanced is not None:
@@ -300,6 +387,7 @@ class GenTab:
         return out
 
     def variant_targets(self) -> list:
+        """The components a model change updates (recommended steps, guidance, SLG)."""
         if self.sampling is None:
             return []
         t = [self.sampling.steps, self.sampling.guidance]

@@ -11,7 +11,8 @@ import gradio as gr
 from studio.catalog import VARIANTS
 from studio.engine.limits import MODES
 from studio.metadata import to_infotext
-from studio.ui.jobs import call
+from studio.ui.controls import slider
+from studio.ui.jobs import call, gpu_event
 
 
 def _caption(item) -> str:
@@ -23,6 +24,7 @@ def _caption(item) -> str:
 
 
 class GalleryTab:
+    """The gallery tab's components and handlers."""
     tab_id = "gallery"
 
     def __init__(self, ctx):
@@ -33,6 +35,7 @@ class GalleryTab:
         self.selected_id = gr.State(None)
         self.selected_fields = gr.State(None)  # metadata of the selected image (for reuse)
         self.png_fields = gr.State(None)  # fields read from a dropped PNG
+        self.png_kind = gr.State("studio")  # which tool wrote them (the reader's verdict), for name mapping
         with gr.Row(equal_height=True, elem_classes=["gallery-filters"]):
             self.query = gr.Textbox(label="Search prompts", placeholder="words in the prompt…", scale=4,
                                     elem_id="gallery-query")
@@ -75,6 +78,17 @@ class GalleryTab:
                     self.confirm_delete = gr.Button("Yes, delete", size="sm", variant="stop",
                                                     elem_id="gallery-confirm-delete")
                     self.cancel_delete = gr.Button("Keep it", size="sm", elem_id="gallery-cancel-delete")
+                with gr.Accordion("Upscale", open=False, elem_id="gallery-upscale") as self.upscale_panel:
+                    with gr.Row():
+                        self.upscaler = gr.Dropdown(studio.upscaler_names(), value="Lanczos", label="Upscaler",
+                                                    elem_id="gallery-upscaler")
+                        self.upscale_by = slider("upscale_scale", elem_id="gallery-upscale-by")
+                    with gr.Row():
+                        self.refine = gr.Checkbox(False, label="Refine (img2img over the upscaled image)",
+                                                  elem_id="gallery-refine")
+                        self.refine_denoise = slider("refine_denoise", elem_id="gallery-refine-denoise")
+                    self.upscale_btn = gr.Button("Upscale the selected image", size="sm", interactive=False,
+                                                 elem_id="gallery-upscale-btn")
                 with gr.Accordion("Full metadata", open=False):
                     self.detail_json = gr.JSON(label="Metadata", elem_id="gallery-detail-json")
         with gr.Accordion("Read PNG info — drop any PNG (ours, A1111, ComfyUI, InvokeAI)", open=False,
@@ -137,6 +151,7 @@ class GalleryTab:
             self.download: gr.update(value=str(item.path), interactive=True),
             self.delete_btn: gr.update(interactive=True),
             self.confirm_row: gr.update(visible=False),
+            self.upscale_btn: gr.update(interactive=True),
         }
 
     def _empty_detail(self):
@@ -147,11 +162,13 @@ class GalleryTab:
             self.reuse_btn: gr.update(interactive=False), self.send_btn: gr.update(interactive=False),
             self.download: gr.update(value=None, interactive=False),
             self.delete_btn: gr.update(interactive=False), self.confirm_row: gr.update(visible=False),
+            self.upscale_btn: gr.update(interactive=False),
         }
 
     def _detail_outputs(self):
         return [self.selected_id, self.selected_fields, self.detail_image, self.detail_info, self.detail_json,
-                self.star_btn, self.reuse_btn, self.send_btn, self.download, self.delete_btn, self.confirm_row]
+                self.star_btn, self.reuse_btn, self.send_btn, self.download, self.delete_btn, self.confirm_row,
+                self.upscale_btn]
 
     def _select(self, ids, evt: gr.SelectData, request: gr.Request):
         index = evt.index if isinstance(evt.index, int) else 0
@@ -172,10 +189,26 @@ class GalleryTab:
         gr.Info("Deleted.")
         return self._empty_detail()
 
+    def _upscale(self, image_id, upscaler, scale, refine, denoise, request: gr.Request):
+        """Upscale the selected image (refined by img2img when asked); the result is a new gallery
+        image that names its parent, and the detail view shows it."""
+        studio = self.ctx.studio
+        owner = studio.owner_for(request)
+        res = call(studio.upscale, image_id=image_id, upscaler=upscaler, scale=scale,
+                   refine_denoise=denoise if refine else None, owner=owner)
+        for note in res.notes:
+            gr.Warning(note, duration=8)
+        done = [i for i in res.images if i.path]
+        if not done:
+            raise gr.Error("The upscaled image was not saved.", print_exception=False)
+        w, h = done[0].image.size
+        gr.Info(f"Upscaled to {w}×{h}: saved as a new image in the gallery.")
+        return self._detail(done[0].id, request)
+
     def _read_png(self, path):
         if not path:
             return {self.png_source: "", self.png_text: "", self.png_json: None, self.png_fields: None,
-                    self.png_reuse: gr.update(interactive=False)}
+                    self.png_kind: "studio", self.png_reuse: gr.update(interactive=False)}
         info = call(self.ctx.studio.read_png_info, path)
         source = {"studio": "SD3.5 Studio", "a1111": "A1111 / Forge / SD.Next (infotext)",
                   "comfyui": "ComfyUI", "invokeai": "InvokeAI", "none": "No generation metadata found"}
@@ -183,7 +216,7 @@ class GalleryTab:
         if info.error:
             text += f" — {info.error}"
         return {self.png_source: text, self.png_text: info.infotext, self.png_json: info.fields or None,
-                self.png_fields: info.fields or None,
+                self.png_fields: info.fields or None, self.png_kind: info.source,
                 self.png_reuse: gr.update(interactive=bool(info.fields))}
 
     # -- wiring --
@@ -205,8 +238,15 @@ class GalleryTab:
                                  api_visibility="private")
         self.confirm_delete.click(self._delete, self.selected_id, self._detail_outputs(), **kw).then(
             self._list, [*filters, self.page], lst, **kw)
+        self.upscale_panel.expand(
+            lambda: gr.update(choices=call(studio.upscaler_names)), None, self.upscaler, **kw)
+        gpu_event(self.upscale_btn.click, self._upscale,
+                  [self.selected_id, self.upscaler, self.upscale_by, self.refine, self.refine_denoise],
+                  self._detail_outputs(), api_visibility="private", show_progress="full",
+                  show_progress_on=[self.detail_image]).then(self._list, [*filters, self.page], lst, **kw)
         self.png_file.change(self._read_png, self.png_file,
-                             [self.png_source, self.png_text, self.png_json, self.png_fields, self.png_reuse], **kw)
+                             [self.png_source, self.png_text, self.png_json, self.png_fields, self.png_kind, self.png_reuse],
+                             **kw)
 
     def _first_page(self, query, variant, mode, starred_only, request: gr.Request):
         return self._list(query, variant, mode, starred_only, 0, request)
@@ -222,4 +262,5 @@ class GalleryTab:
 
 
 def create_ui(ctx) -> GalleryTab:
+    """Build the gallery tab."""
     return GalleryTab(ctx)

@@ -21,6 +21,7 @@ ONLY_MASKED = "Only masked"
 
 
 class InpaintTab(GenTab):
+    """The inpaint tab: the image with its painted mask, an uploaded mask, and the inpaint settings."""
     mode = "inpaint"
     tab_id = "inpaint"
 
@@ -28,7 +29,8 @@ class InpaintTab(GenTab):
         super().__init__(ctx)
         variant = ctx.variant()
         p = self.tab_id
-        self.prompt_row = PromptRow(p, placeholder="Describe what the masked area should show…")
+        self.prompt_row = PromptRow(p, placeholder="Describe what the masked area should show…",
+                                    styles=ctx.studio.style_names())
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=320, elem_classes=["settings-col"]):
                 gr.Markdown("Upload an image, then paint over what should change.",
@@ -66,17 +68,20 @@ class InpaintTab(GenTab):
                 self.result = ResultPanel(p)
 
     def inputs(self) -> list:
+        """The components whose values make the request."""
         return [self.editor, self.mask_upload, self.strength, self.mask_blur, self.area, self.padding,
                 self.prompt_row.prompt, self.prompt_row.negative, self.sampling.steps, self.sampling.guidance,
                 self.seed_row.seed, self.batch.batch_count, self.batch.batch_size, self.advanced.shift,
                 self.advanced.max_sequence_length]
 
     def field_components(self) -> dict:
+        """The shared fields plus strength, mask blur and padding."""
         d = super().field_components()
         d.update(strength=self.strength, mask_blur=self.mask_blur, padding=self.padding)
         return d
 
     def fields(self, v: dict) -> dict:
+        """The image and the mask (an uploaded one wins over the painted one) and the inpaint settings."""
         image, mask = mask_from_editor(v[self.editor])  # files, header-checked before decoding
         if v[self.mask_upload] is not None:
             mask = v[self.mask_upload]
@@ -87,6 +92,7 @@ class InpaintTab(GenTab):
     # -- reuse parameters: the stored mask comes back painted over the image it made --
 
     def apply_fields(self, fields: dict, inputs: dict | None = None) -> dict:
+        """The shared reuse updates plus the stored source with its mask painted over it, and the mask in its box."""
         out = super().apply_fields(fields, inputs)
         if fields.get("only_masked") is not None:
             out[self.area] = ONLY_MASKED if fields.get("only_masked") else WHOLE
@@ -98,11 +104,14 @@ class InpaintTab(GenTab):
         return out
 
     def image_checks(self) -> list:
+        """The editor's image and the uploaded mask are checked on upload."""
         return [(self.editor, "init_image"), (self.mask_upload, "mask_image")]
 
     def reuse_targets(self) -> list:
+        """The shared targets plus the area, the editor, the mask box and its accordion."""
         return [*super().reuse_targets(), self.area, self.editor, self.mask_upload, self.mask_acc]
 
 
 def create_ui(ctx) -> InpaintTab:
+    """Build the inpaint tab."""
     return InpaintTab(ctx)

@@ -33,6 +33,7 @@ def _gb(n) -> str:
 
 
 def detect():
+    """The machine's hardware, or None when detection fails (the tab still renders)."""
     try:
         from studio.hardware import detect_hardware
 
@@ -43,6 +44,7 @@ def detect():
 
 
 def hardware_html(hw) -> str:
+    """The hardware card (escaped)."""
     if hw is None:
         return "<div class='sd-card sd-muted'>Hardware detection failed; see the console.</div>"
     rows = []
@@ -59,6 +61,7 @@ def hardware_html(hw) -> str:
 
 
 def preset_choices() -> list[tuple[str, str]]:
+    """The memory preset dropdown's choices: auto, then every preset by rank."""
     choices = [("auto — the planner picks", "auto")]
     try:
         from studio.memory import presets_by_rank
@@ -151,6 +154,7 @@ def plan_html(hw, variant: str, preset: str, width: int = 1024, height: int = 10
 
 
 def memory_html() -> str:
+    """The live VRAM/RAM meters (escaped)."""
     try:
         from studio.hardware import memory_snapshot
 
@@ -194,6 +198,7 @@ def token_status() -> str:
 
 
 def token_login(token: str) -> tuple[str, str]:
+    """Save a Hugging Face token (never echoed back); returns (status, cleared box)."""
     token = (token or "").strip()
     if not token:
         raise gr.Error("Paste a Hugging Face access token (read access is enough).", print_exception=False)
@@ -239,6 +244,7 @@ def load_model(studio, variant, source, preset, progress=None) -> str:
 
 
 class ModelsTab:
+    """The Models & Memory tab's components and handlers."""
     tab_id = "models"
 
     def __init__(self, ctx):
@@ -317,12 +323,15 @@ class ModelsTab:
         }
 
     def opened_targets(self):
+        """What opening the tab updates."""
         return [self.hardware, self.preset, self.plan, self.memory, self.timer]
 
     def load(self, variant, source, preset, progress=gr.Progress()):
+        """The Load model button: the status line."""
         return load_model(self.ctx.studio, variant, source, preset, progress)
 
     def unload(self):
+        """The Unload button: the status line."""
         call(self.ctx.studio.unload_model)
         return "Unloaded. The next Generate loads the model again."
 
@@ -343,4 +352,5 @@ def _variant_note(name) -> str:
 
 
 def create_ui(ctx) -> ModelsTab:
+    """Build the Models & Memory tab."""
     return ModelsTab(ctx)
