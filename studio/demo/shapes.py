@@ -77,6 +77,7 @@ HELD_OUT = tuple((c, s, p) for c in COLOURS for s in SHAPES for p in POSITIONS i
 
 @dataclass(frozen=True)
 class Shape:
+    """One object of a scene: its colour, shape, optional size and position words, and where it is drawn."""
     colour: str
     shape: str
     size: str | None  # named size, or None
@@ -87,6 +88,7 @@ class Shape:
     colour_named: bool = True  # "a large circle": the colour left to the model
 
     def phrase(self) -> str:
+        """The object's words in a prompt, e.g. "a large blue square at the left"."""
         words = [w for w in (self.size, self.colour if self.colour_named else None, self.shape) if w]
         article = "an" if words[0][0] in "aeiou" else "a"
         text = " ".join([article, *words])
@@ -99,11 +101,13 @@ class Shape:
 
 @dataclass(frozen=True)
 class Scene:
+    """One training picture: one or two objects on a background (None: the default grey)."""
     objects: tuple[Shape, ...]
     background: str | None  # named background colour, or None for the default grey
 
     @property
     def prompt(self) -> str:
+        """The scene's prompt, e.g. "a red circle on a white background"."""
         text = " and ".join(o.phrase() for o in self.objects)
         if self.background:
             text += f" on a {self.background} background"
@@ -111,6 +115,7 @@ class Scene:
 
     @property
     def background_rgb(self) -> tuple[int, int, int]:
+        """The background's RGB colour."""
         return COLOURS[self.background] if self.background else GREY
 
     def mirrored(self) -> Scene:
@@ -218,5 +223,6 @@ def object_mask(scene: Scene, size: int = SIZE):
 
 
 def scenes(seed: int, count: int, **kwargs) -> list[Scene]:
+    """``count`` scenes drawn from ``seed`` (keyword arguments go to :func:`sample_scene`)."""
     rng = np.random.default_rng(seed)
     return [sample_scene(rng, **kwargs) for _ in range(count)]

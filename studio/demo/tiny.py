@@ -233,6 +233,8 @@ def build_shared_components(seed: int = _SHARED_SEED, scale: int = 1) -> dict:
 
 
 def build_transformer(variant: str, scale: int = 1):
+    """A tiny random SD3Transformer2DModel for ``variant`` (seeded per variant, its zero-initialised
+    matrices given small weights so images differ)."""
     import torch
     from diffusers import SD3Transformer2DModel
 
@@ -247,6 +249,8 @@ def build_transformer(variant: str, scale: int = 1):
 
 
 def build_tiny_pipeline(variant: str, scale: int = 1, shared: dict | None = None):
+    """A tiny StableDiffusion3Pipeline for ``variant``: its own transformer around the shared encoders,
+    tokenizers, VAE and scheduler."""
     from diffusers import StableDiffusion3Pipeline
 
     shared = shared or build_shared_components(scale=scale)

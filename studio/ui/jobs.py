@@ -44,10 +44,13 @@ def safe(text) -> str:
 
 
 def error(message, title: str = "Error") -> gr.Error:
+    """A toast-ready gr.Error with the message made safe for display (no traceback printed)."""
     return gr.Error(safe(message), title=title, print_exception=False)
 
 
 def as_gr_error(e: BaseException) -> gr.Error:
+    """The gr.Error for one of the studio's errors (a refusal: "Check the settings"; a failure: "Could
+    not finish")."""
     return error(e, "Check the settings" if isinstance(e, ValidationError) else "Could not finish")
 
 
@@ -71,6 +74,7 @@ def gpu_event(trigger, fn, inputs, outputs, **kwargs):
 
 
 def notify(notes) -> None:
+    """Show each note as a warning toast."""
     for note in notes or ():
         gr.Warning(safe(note), duration=8)
 
@@ -92,6 +96,7 @@ class Update:
 
 @dataclass
 class JobState:
+    """One running job: its cancel token and when it started."""
     token: object
     started: float = field(default_factory=time.monotonic)
 
