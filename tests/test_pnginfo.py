@@ -142,7 +142,7 @@ def test_infotext_layout_and_registry_keys():
     assert "Denoising strength" not in params and "Batch size" not in params
     # every registry key is written for a full img2img request
     full = dict(META, strength=0.6, mode="img2img", batch_size=4, schedule="Karras", prompt_3="t5 text",
-                negative_prompt_3="t5 negative", emphasis="No norm", prompt_weighting=False)
+                negative_prompt_3="t5 negative", emphasis="No norm", prompt_weighting=False, speed="fast")
     written = [k for k, _ in parse_param_line(to_infotext(full).split("\n")[-1])]
     assert written[: len(PARAMS)] == [p.key for p in PARAMS]
     assert fields_from_infotext(to_infotext(full))["strength"] == 0.6

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from studio.engine.limits import IMAGE_MODES, LIMITS, default
+from studio.engine.stepcache import SPEED_DEFAULT
 from studio.errors import ValidationError
 from studio.metadata.loras import parse_selection
 
@@ -72,6 +73,8 @@ class GenerationRequest:
     control_resize: str | None = None  # "crop" (default) | "stretch"
     controls: list = field(default_factory=list)  # more units: dicts with the keys of CONTROL_KEYS
     depth_model: str | None = None  # the depth preprocessor's model (None: Depth Anything V2 Small)
+    # Speed (#19): step caching, studio.engine.stepcache.SPEED_MODES; "off" computes every step (exact)
+    speed: str = SPEED_DEFAULT
 
 
 REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest))

@@ -8,6 +8,7 @@ carries the same metadata.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -75,7 +76,23 @@ class Engine:
             self._prepare_hires(resolved, loaded)
         if resolved.controls:
             self._prepare_controls(resolved, loaded)
+        self._prepare_speed(resolved, loaded)
         return resolved
+
+    def _prepare_speed(self, r: Resolved, loaded) -> None:
+        """Refuse Speed fast/faster, before anything runs, where the loaded transformer cannot be
+        step-cached (group offload; SLG layers the cache needs): ``StepCache.problem``'s reason."""
+        from studio.engine.stepcache import StepCache, threshold_for
+
+        speed = r.request.speed
+        if threshold_for(speed) is None:
+            return
+        problem = StepCache.problem(loaded.pipe.transformer, r.slg["layers"] if r.slg else None)
+        if problem:
+            raise ValidationError(f"Speed {speed}: {problem}", "speed")
+        if r.total_steps < 4:
+            r.notes.append(f"Speed {speed} caches steps that change little: with {r.total_steps} steps there is "
+                           "little to skip.")
 
     def _prepare_controls(self, r: Resolved, loaded) -> None:
         """Load each ControlNet (catalog id, Hub id, folder or file; none named: the catalog's for
@@ -209,6 +226,7 @@ class Engine:
         import torch
 
         from studio.engine.samplers import scheduler_for
+        from studio.engine.stepcache import StepCacheStats
 
         req = r.request
         if r.controls:  # the ControlNet (inpainting) pipeline over the loaded components
@@ -238,6 +256,8 @@ class Engine:
         cancelled = False
         h = r.hires
         pending = []  # hires on another variant: first passes waiting for the one swap
+        cache_stats: dict[int, StepCacheStats] = {}  # Speed: the transformer passes of each run, both passes
+        skip_layers = r.slg["layers"] if r.slg else None
 
         def emit(out_images, seeds, run, run_s, first=loaded, second=None):
             for k, (image, s) in enumerate(zip(out_images, seeds)):
@@ -250,6 +270,8 @@ class Engine:
                     meta.update(self._hires_metadata(r, second or first))
                 if control_meta:
                     meta["controlnets"] = control_meta
+                if cache_stats.get(run) is not None and cache_stats[run].passes:
+                    meta["step_cache"] = cache_stats[run].as_meta()
                 if extra_meta:
                     meta.update(extra_meta)
                 item = GeneratedImage(image, s, meta)
@@ -318,13 +340,15 @@ class Engine:
                     kwargs["output_type"] = "latent"
                 out = None
                 try:
-                    if r.controls:  # diffusers samples the control latents from the global RNG: pin it
-                        from studio.engine.control import control_rng
+                    with _step_cache(pipe.transformer, req.speed, skip_layers,
+                                     cache_stats.setdefault(run, StepCacheStats())):
+                        if r.controls:  # diffusers samples the control latents from the global RNG: pin it
+                            from studio.engine.control import control_rng
 
-                        with control_rng(seeds[0], device):
+                            with control_rng(seeds[0], device):
+                                out = pipe(**kwargs)
+                        else:
                             out = pipe(**kwargs)
-                    else:
-                        out = pipe(**kwargs)
                 except torch.OutOfMemoryError:
                     pass  # handled below: inside this block the traceback still holds the activations
                 if out is None:  # out of memory; the exception and its frames are gone now
@@ -340,7 +364,7 @@ class Engine:
                     emit(out.images, seeds, run, time.perf_counter() - run_started)
                 elif h.variant is None:  # the second pass on the same model, straight away
                     second = self._hires(r, loaded, loaded, out.images, seeds, embeds, run, first_steps,
-                                         started, on_progress, cancel, text_loras)
+                                         started, on_progress, cancel, text_loras, cache_stats[run])
                     if second is None:
                         cancelled = True
                         break
@@ -358,7 +382,7 @@ class Engine:
                             break
                         t0 = time.perf_counter()
                         second = self._hires(r, loaded, second_model, first, seeds, embeds, run, first_steps,
-                                             started, on_progress, cancel, text_loras)
+                                             started, on_progress, cancel, text_loras, cache_stats[run])
                         if second is None:
                             cancelled = True
                             break
@@ -367,6 +391,12 @@ class Engine:
         finally:
             pipe.scheduler = scheduler
             pipe._interrupt = False
+        passes = StepCacheStats()
+        for stats in cache_stats.values():
+            _add_stats(passes, stats)
+        if passes.passes:
+            r.notes.append(f"Speed {req.speed}: {passes.skipped} of {passes.passes} transformer passes cached "
+                           f"({passes.skipped_fraction:.0%}).")
         total = time.perf_counter() - started
         return GenerationResult(images, r.seed, r.notes, cancelled, {"total_s": round(total, 3)})
 
@@ -393,12 +423,15 @@ class Engine:
         return kw, meta
 
     def _hires(self, r: Resolved, loaded, second, first, seeds, embeds, run, first_steps, started, on_progress,
-               cancel, text_loras):
+               cancel, text_loras, cache_stats=None):
         """The hires fix's second pass for one run: upscale the first pass's images (or latents),
         then img2img on ``second`` (``loaded`` itself, or the hires variant, which shares the text
         encoders and the VAE) with the first pass's prompt embeddings — no text encoder runs again
-        when the encoders are the same objects. Returns the images, or None when cancelled."""
+        when the encoders are the same objects. Returns the images, or None when cancelled.
+        ``cache_stats``: the run's StepCacheStats, which the second pass's step cache adds to."""
         import torch
+
+        from studio.engine.stepcache import StepCacheStats
 
         from studio.engine.samplers import scheduler_for
         from studio.engine.upscale import upscale, upscale_latents
@@ -459,7 +492,9 @@ class Engine:
                           generator=generators, max_sequence_length=req.max_sequence_length,
                           callback_on_step_end=on_step2, callback_on_step_end_tensor_inputs=["latents"])
             try:
-                out = pipe2(**kwargs)
+                with _step_cache(pipe2.transformer, req.speed, None,
+                                 cache_stats if cache_stats is not None else StepCacheStats()):
+                    out = pipe2(**kwargs)
             except torch.OutOfMemoryError:
                 pass  # handled below, once the traceback (and its activations) is gone
             if out is None:
@@ -523,6 +558,7 @@ class Engine:
             "scheduler": SAMPLER_INFO[r.sampler].diffusers,
             "shift": r.shift,
             "slg": r.slg,
+            "speed": req.speed,
             "max_sequence_length": req.max_sequence_length,
             "prompt_3": req.prompt_3 or None,
             "negative_prompt_3": req.negative_prompt_3 or None,
@@ -564,6 +600,26 @@ def _model_hashes(models, loaded) -> dict:
         return {}
     name, digest = loaded_model_identity(loaded, hashes)
     return {"model_name": name, "model_hash": digest} if digest else {"model_name": name}
+
+
+@contextmanager
+def _step_cache(transformer, speed, skip_layers, into):
+    """``StepCache(transformer, speed, skip_layers)`` around one pipeline call (nothing when speed
+    is off); its pass counts are added to ``into`` (a StepCacheStats) when the call ends."""
+    from studio.engine.stepcache import StepCache
+
+    with StepCache(transformer, speed, skip_layers) as cache:
+        try:
+            yield cache
+        finally:
+            _add_stats(into, cache.stats)
+
+
+def _add_stats(total, stats) -> None:
+    """Add one StepCacheStats' computed and cached passes to another's."""
+    for mine, theirs in ((total.computed, stats.computed), (total.cached, stats.cached)):
+        for kind, n in theirs.items():
+            mine[kind] = mine.get(kind, 0) + n
 
 
 def _vae_tiling_state(vae) -> tuple:

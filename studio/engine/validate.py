@@ -181,6 +181,20 @@ def _check_sampling(req: GenerationRequest, steps: int, notes: list[str]) -> tup
     return sampler, schedule
 
 
+def _check_speed(req: GenerationRequest) -> str:
+    """The request's Speed (step caching, ``studio.engine.stepcache``): one of SPEED_MODES; None
+    or "" is the default (off). Whether the loaded transformer can be cached is checked in
+    ``Engine.prepare``."""
+    from studio.engine.stepcache import SPEED_DEFAULT, SPEED_HELP, SPEED_MODES
+
+    speed = SPEED_DEFAULT if req.speed in (None, "") else req.speed
+    if speed not in SPEED_MODES:
+        shown = repr(speed[:40]) if isinstance(speed, str) else type(speed).__name__
+        raise ValidationError(f"Speed {shown} is unknown; use one of {', '.join(SPEED_MODES)} ("
+                              + "; ".join(f"{m}: {SPEED_HELP[m]}" for m in SPEED_MODES) + ").", "speed")
+    return speed
+
+
 def _check_styles(req: GenerationRequest, styles) -> tuple[str, str]:
     """The prompt and negative prompt with the request's styles applied (``styles``: a
     StyleLibrary; None checks only the shape of the list, as a quick check before a load)."""
@@ -395,6 +409,7 @@ def validate(req: GenerationRequest, variant: Variant, max_side: int = MAX_SIDE,
     shift = LIMITS["shift"].default if req.shift is None else check_number("shift", req.shift)
     loras = check_loras(req.loras)
     sampler, schedule = _check_sampling(req, steps, notes)
+    speed = _check_speed(req)
     prompt, negative = _check_styles(req, styles)
 
     limit = min(max_side, MAX_SIDE)
@@ -472,7 +487,7 @@ def validate(req: GenerationRequest, variant: Variant, max_side: int = MAX_SIDE,
         inpaint_plan = plan(mask, bool(req.only_masked), padding, 0, MIN_SIDE, limit, size=(width, height))
     # From here on (the pipeline loop, the metadata) the request carries the checked numbers:
     # batch_count=2.0 or strength="0.5" passed validation and must not reach range() or the pipeline.
-    req = replace(req, batch_size=batch_size, batch_count=batch_count, max_sequence_length=msl,
+    req = replace(req, batch_size=batch_size, batch_count=batch_count, max_sequence_length=msl, speed=speed,
                   **({"strength": strength} if strength is not None else {}))
     return Resolved(req, variant, width, height, steps, guidance, seed, slg, shift, init_image, notes,
                     mask=mask, inpaint_plan=inpaint_plan, loras=loras, sampler=sampler, schedule=schedule,

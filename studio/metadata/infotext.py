@@ -392,6 +392,7 @@ PARAMS: tuple[Param, ...] = (
     _simple("T5 negative prompt", "negative_prompt_3"),
     _simple("Emphasis", "emphasis", when=lambda v, _m: v != "Original"),  # A1111's own key
     Param("Prompt weighting", ("prompt_weighting",), _write_weighting, _read_weighting),
+    _simple("Speed", "speed", when=lambda v, _m: v != "off"),  # step caching; off (the default) is not written
     _simple("Batch size", "batch_size", when=lambda v, _m: int(v) > 1),
     Param("Version", ("studio_version",), _write_version, _read_version),
 )

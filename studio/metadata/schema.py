@@ -46,6 +46,8 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("batch_size", "int", "images per run", True),
     Field("batch_count", "int", "runs", False),
     Field("slg", "slg", "Skip Layer Guidance {layers, scale, start, stop}, or null when off", True),
+    Field("speed", "str", "step caching: off (every step computed, exact) | fast | faster", True),
+    Field("step_cache", "dict", "step caching of this image's run: {passes, cached} transformer passes"),
     Field("loras", "loras", "[{name, sha256, hash (A1111 addnet, 12 hex), weight}]", True),
     Field("mask_blur", "int", "inpaint seam feathering (px)", True),
     Field("only_masked", "bool", "inpaint only the mask's box", True),
