@@ -30,7 +30,7 @@ expect.set_options(timeout=20_000)  # a tab's first render can take seconds on a
 DESKTOP = {"width": 1400, "height": 1000}
 PHONE = {"width": 390, "height": 844}
 TABS = {"txt2img": "Text to image", "img2img": "Image to image", "inpaint": "Inpaint", "turbo": "Turbo",
-        "gallery": "Gallery", "models": "Models & Memory"}
+        "control": "Control", "gallery": "Gallery", "models": "Models & Memory"}
 
 
 @pytest.fixture(scope="session")
@@ -142,10 +142,40 @@ def test_every_tab_on_a_desktop(ui: Page, app, tmp_path):
     assert_results_whole(ui, "turbo", 1)
     shot(ui, "desktop-turbo")
 
+    # Control: a control image, the map it makes (previewed before generating), then an image
+    open_tab(ui, TABS["control"])
+    photo = tmp_path / "photo.png"
+    pic = Image.new("RGB", (256, 256), (40, 60, 80))
+    pic.paste((250, 240, 230), (60, 60, 160, 160))
+    pic.save(photo)
+    ui.locator("#control-image input[type=file]").set_input_files(str(photo))
+    expect(ui.locator("#control-image img")).to_be_visible()
+    ui.locator("#control-preview-btn").click()
+    expect(ui.locator("#control-map img")).to_be_visible(timeout=T)
+    generate(ui, "control", "a white box", steps=1)
+    assert_results_whole(ui, "control", 1)
+    expect(ui.locator("#control-info textarea")).to_have_value(re.compile(r"image\(s\)"))
+    shot(ui, "desktop-control")
+
+    # hires fix: the accordion holds its controls; off until enabled
+    open_tab(ui, TABS["txt2img"])
+    ui.locator("#txt2img-hires").get_by_text("Hires fix", exact=True).first.click()
+    expect(ui.locator("#txt2img-hires-on")).to_be_visible()
+    expect(ui.locator("#txt2img-hires-upscaler")).to_be_visible()
+    expect(ui.locator("#txt2img-sampler")).to_be_visible()
+    ui.locator("#txt2img-prompt textarea").fill("a (red:1.2) fox " * 3)
+    expect(ui.locator("#txt2img-tokens")).to_contain_text("CLIP", timeout=T)  # a model is loaded by now
+    shot(ui, "desktop-txt2img-hires")
+
     open_tab(ui, TABS["gallery"])
     ui.locator("#gallery-grid .thumbnail-item").first.click()
-    expect(ui.locator("#gallery-detail-info textarea")).to_have_value(re.compile("lighthouse"))
+    expect(ui.locator("#gallery-detail-info textarea")).to_have_value(re.compile("white box"))
+    ui.locator("#gallery-upscale").get_by_text("Upscale", exact=True).first.click()
+    expect(ui.locator("#gallery-upscale-btn")).to_be_enabled()
     shot(ui, "desktop-gallery")
+    ui.locator("#gallery-upscale-btn").click()
+    expect(toast(ui, "Upscaled to 512×512").first).to_be_visible(timeout=T)
+    shot(ui, "desktop-gallery-upscaled")
     # a search that finds nothing clears the Selected panel
     q = ui.locator("#gallery-query input, #gallery-query textarea").first
     q.fill("no such words anywhere")
@@ -176,7 +206,7 @@ def test_every_tab_on_a_phone(ui: Page, app):
     expect(ui.locator("#txt2img-generate")).to_be_visible()
     for prefix, name in TABS.items():
         open_tab(ui, name)
-        if prefix in ("txt2img", "img2img", "inpaint", "turbo"):
+        if prefix in ("txt2img", "img2img", "inpaint", "turbo", "control"):
             gen = boxes(ui, f"#{prefix}-generate")[0]
             results = boxes(ui, f"#{prefix}-results")[0]
             steps = boxes(ui, f"#{prefix}-steps")[0]

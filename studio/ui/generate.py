@@ -24,6 +24,7 @@ class GenTab:
 
     mode = "txt2img"
     tab_id = "txt2img"
+    offers_slg = False  # whether the tab has Skip Layer Guidance (txt2img; ControlNet pipelines have none)
 
     def __init__(self, ctx):
         self.ctx = ctx
@@ -354,7 +355,7 @@ class GenTab:
                             self.size.custom_row: row})
             except (TypeError, ValueError):
                 pass
-        if self.advanced is not None and self.mode == "txt2img" and "slg" in fields:
+        if self.advanced is not None and self.offers_slg and "slg" in fields:
             out[self.advanced.slg] = isinstance(fields.get("slg"), dict)  # null: it was off
         if self.lora_group() is not None:  # JSON "loras", or <lora:name:weight> tags out of the prompt
             prompt, selection = selection_from_fields(fields)
@@ -382,7 +383,7 @@ class GenTab:
         if variant is None or self.sampling is None:
             return {}
         out = {self.sampling.steps: variant.steps, self.sampling.guidance: variant.guidance}
-        if self.advanced is not None and self.mode == "txt2img":
+        if self.advanced is not None and self.offers_slg:
             out[self.advanced.slg] = gr.update(visible=slg_offered(variant), value=variant.slg.recommended)
         return out
 
@@ -391,7 +392,7 @@ class GenTab:
         if self.sampling is None:
             return []
         t = [self.sampling.steps, self.sampling.guidance]
-        if self.advanced is not None and self.mode == "txt2img":
+        if self.advanced is not None and self.offers_slg:
             t.append(self.advanced.slg)
         return t
 

@@ -14,7 +14,7 @@ from studio.errors import ValidationError
 from .components import ImagePath
 from .controls import (AdvancedGroup, BatchGroup, HiresGroup, PromptRow, ResultPanel, SamplingGroup, SeedRow,
                        SizeGroup, slider)
-from .generate import GenTab, slg_offered
+from .generate import GenTab
 from .jobs import call
 
 DEFAULT_NET = "Catalog default"
@@ -65,7 +65,8 @@ class ControlTab(GenTab):
                 self.seed_row = SeedRow(p)
                 self.batch = BatchGroup(p)
                 self.hires = HiresGroup(p, self.mode)
-                self.advanced = AdvancedGroup(p, slg_visible=slg_offered(variant), slg_value=variant.slg.recommended)
+                # no SLG: diffusers' ControlNet pipelines have none
+                self.advanced = AdvancedGroup(p, slg_visible=False, slg_value=False, with_slg=False)
             with gr.Column(scale=6, min_width=360):
                 self.result = ResultPanel(p)
 
@@ -98,15 +99,14 @@ class ControlTab(GenTab):
         """The components whose values make the request."""
         return [self.prompt_row.prompt, self.prompt_row.negative, self.size.aspect, self.size.width,
                 self.size.height, self.sampling.steps, self.sampling.guidance, self.seed_row.seed,
-                self.batch.batch_count, self.batch.batch_size, self.advanced.slg, self.advanced.shift,
+                self.batch.batch_count, self.batch.batch_size, self.advanced.shift,
                 self.advanced.max_sequence_length, *self.control_components()]
 
     def fields(self, v: dict) -> dict:
         """The txt2img fields plus the ControlNet unit."""
         net = v[self.controlnet]
         pre = v[self.preprocess]
-        return {**super().fields(v),
-                "slg": bool(v[self.advanced.slg]) if slg_offered(self.ctx.variant()) else None,
+        return {**super().fields(v), "slg": False,
                 "control_image": v[self.control_image], "control_type": v[self.control_type],
                 "controlnet": None if net in (None, "", DEFAULT_NET) else net,
                 "preprocess": None if pre in (None, "", AUTO_PREPROCESS) else pre,

@@ -12,6 +12,7 @@ class Txt2ImgTab(GenTab):
     """The txt2img tab: the shared groups plus Skip Layer Guidance."""
     mode = "txt2img"
     tab_id = "txt2img"
+    offers_slg = True
 
     def __init__(self, ctx):
         super().__init__(ctx)
