@@ -52,6 +52,7 @@ class StudioConfig:
     offline: bool = False  # never touch the network (sets HF_HUB_OFFLINE)
     device: str | None = None  # cuda | mps | cpu; None = detect
     single_file_config_dir: Path | None = None  # diffusers folder with configs/tokenizers for .safetensors files
+    compile: bool = False  # torch.compile the transformer's blocks on load (--compile; studio.engine.compile)
     host: str = "127.0.0.1"
     port: int = 7860
 

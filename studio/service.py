@@ -123,7 +123,10 @@ class Studio:
 
         ``preset`` None means the studio's current choice (``--preset``, or the last preset
         loaded with); "auto" asks the planner. Raises ModelError naming the valid presets for an
-        unknown name, and the reason for a preset that cannot run on this machine.
+        unknown name, and the reason for a preset that cannot run on this machine. With
+        ``config.compile`` (``--compile``) the placement also compiles the transformer's blocks
+        (``studio.engine.compile.with_compile``; its name ends in ``+compile``), or is refused with
+        the reason for a preset that does not combine with compiling.
         """
         from studio.hardware import detect_hardware
         from studio.memory import PRESETS, choose, get_preset
@@ -139,7 +142,7 @@ class Studio:
                 placement = default_placement(hardware.device)
                 placement.reason = ("demo: the tiny models run at the device's default precision; "
                                     "the planner's choice is for the real weights")
-                return placement
+                return self._compiled(placement, "demo")
             plan = choose(hardware, variant or self.config.variant or DEFAULT_VARIANT)
             if not plan.fits:
                 log.warning("no preset fits: %s", plan.explanation.splitlines()[0])
@@ -151,7 +154,26 @@ class Studio:
         problem = chosen.check(hardware)
         if problem:
             raise ModelError(f"Preset {chosen.name!r} cannot run here: {problem}")
-        return placement_from_preset(chosen, hardware.device, hardware)
+        return self._compiled(placement_from_preset(chosen, hardware.device, hardware), chosen.name)
+
+    def _compiled(self, placement, preset: str):
+        """``placement_for``'s last step: the placement as it is, or with ``--compile`` wrapped by
+        ``with_compile`` (its first run reported through the model manager's progress); a preset
+        ``compile_problem`` refuses raises ModelError with the reason."""
+        if not self.config.compile:
+            return placement
+        from studio.engine import compile as compiling
+
+        def progress(message: str) -> None:
+            log.info("%s", message)
+            report = self.models.progress if self.is_built("models") else None
+            if report is not None:
+                report(message, None)
+
+        try:
+            return compiling.with_compile(placement, backend=compiling.COMPILE_BACKEND, progress=progress)
+        except ValueError as e:
+            raise ModelError(f"Preset {preset!r}: {e}") from None
 
     def _policy(self, variant: str | None):
         """What the model manager asks for a load that names no placement (lazy loads, swaps)."""

@@ -42,6 +42,9 @@ def _common(p: argparse.ArgumentParser, sub: bool = False) -> None:
                    help="use the offline demo models (no download); cannot be combined with --model")
     p.add_argument("--offline", action="store_true", default=d(False),
                    help="never touch the network (HF_HUB_OFFLINE=1)")
+    p.add_argument("--compile", action="store_true", default=d(False),
+                   help="torch.compile the transformer's blocks when a model loads: the first image pays for the "
+                        "compilation, later ones run faster; refused with sequential or group offload")
 
 
 def _preset_names() -> list[str]:
@@ -105,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     ``plan`` subcommands."""
     from studio.control_catalog import CONTROL_TYPES, CONTROLNETS, PREPROCESSORS
     from studio.engine import samplers
+    from studio.engine.stepcache import SPEED_DEFAULT, SPEED_HELP, SPEED_MODES
     from studio.engine.weighting import EMPHASIS
 
     parser = argparse.ArgumentParser(
@@ -166,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="read (word:1.2) and [word] as plain text, and only the first 75 CLIP tokens")
     gen.add_argument("--emphasis", choices=list(EMPHASIS), default="Original",
                      help="A1111's emphasis: Original (default) restores each chunk's mean after weighting")
+    gen.add_argument("--speed", choices=list(SPEED_MODES), default=SPEED_DEFAULT,
+                     help="step caching: " + "; ".join(f"{m}: {SPEED_HELP[m]}" for m in SPEED_MODES)
+                          + f" (default: {SPEED_DEFAULT})")
     gen.add_argument("--hires-scale", type=float, default=None, metavar="X", help=_limit_help("hires_scale"))
     gen.add_argument("--hires-steps", type=int, default=None, metavar="N", help=_limit_help("hires_steps"))
     gen.add_argument("--hires-denoise", type=float, default=None, metavar="D",
@@ -235,7 +242,8 @@ def config_from_args(args: argparse.Namespace) -> StudioConfig:
         kwargs["host"] = args.host
     if getattr(args, "port", None):
         kwargs["port"] = args.port
-    return StudioConfig(demo=bool(getattr(args, "demo", False)), offline=bool(getattr(args, "offline", False)), **kwargs)
+    return StudioConfig(demo=bool(getattr(args, "demo", False)), offline=bool(getattr(args, "offline", False)),
+                        compile=bool(getattr(args, "compile", False)), **kwargs)
 
 
 def fail(message: str, code: int = 2) -> int:
@@ -299,7 +307,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "control_type": args.control_type, "controlnet": args.controlnet, "control_scale": args.control_scale,
         "control_start": args.control_start, "control_end": args.control_end, "preprocess": args.preprocess,
         "canny_low": args.canny_low, "canny_high": args.canny_high, "blur_radius": args.blur_radius,
-        "depth_model": args.depth_model,
+        "depth_model": args.depth_model, "speed": args.speed,
     }
     try:
         studio = Studio(config)
@@ -393,6 +401,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = config_from_args(args)
     except ConfigError as e:
         return fail(str(e))
+    if config.compile and config.preset not in (None, "auto"):  # refused before the server starts
+        from studio.engine.compile import compile_problem
+        from studio.memory import get_preset
+
+        try:
+            problem = compile_problem(get_preset(config.preset))
+        except KeyError:  # an unknown name is refused, with the valid ones, by the first load
+            problem = None
+        if problem:
+            return fail(problem)
     from studio.app.server import serve
 
     return serve(config, args)

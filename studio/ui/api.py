@@ -16,6 +16,7 @@ from studio.control_catalog import CONTROL_TYPES, CONTROLNETS, PREPROCESSORS
 from studio.engine.limits import LIMITS, MODES
 from studio.engine.request import build_request
 from studio.engine.samplers import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES
+from studio.engine.stepcache import SPEED_DEFAULT, SPEED_MODES, SPEED_THRESHOLDS
 from studio.engine.weighting import EMPHASIS
 from studio.service import PAGE_SIZE
 from studio.ui.components import RawNumber
@@ -66,6 +67,13 @@ def _sampling_inputs(studio, negative=True) -> list:
     return parts
 
 
+def _speed_input():
+    """The ``speed`` parameter every generation endpoint takes last (#19; the engine checks it)."""
+    return gr.Dropdown(list(SPEED_MODES), value=SPEED_DEFAULT, allow_custom_value=True, label="speed",
+                       info="step caching: off (exact, the default), fast or faster (First Block Cache, threshold "
+                            + " / ".join(f"{t:g}" for t in SPEED_THRESHOLDS.values()) + ")")
+
+
 def _hires(hires_scale, hires_steps, hires_denoise, hires_upscaler, hires_variant) -> dict:
     """The hires-fix parameters of /txt2img and /turbo (#17)."""
     return dict(hires_scale=hires_scale, hires_steps=hires_steps, hires_denoise=hires_denoise,
@@ -86,7 +94,7 @@ def _generation_endpoints(ctx, out):
     def txt2img(prompt, negative_prompt=None, width=None, height=None, steps=None, guidance=None, seed=None, batch_count=None, batch_size=None, slg=None,
                 max_sequence_length=None, shift=None, loras=None, sampler=None, schedule=None, prompt_3=None,
                 negative_prompt_3=None, styles=None, prompt_weighting=None, emphasis=None, hires_scale=None,
-                hires_steps=None, hires_denoise=None, hires_upscaler=None, hires_variant=None,
+                hires_steps=None, hires_denoise=None, hires_upscaler=None, hires_variant=None, speed=None,
                 request: gr.Request = None, progress=gr.Progress()):
         """Text to image. Returns (the saved PNG files, the first seed used, the info text).
 
@@ -94,19 +102,19 @@ def _generation_endpoints(ctx, out):
         None: the variant's recommendation; seed -1: random; loras: "name:0.8, other" or <lora:name:0.8>;
         sampler/schedule: Forge's names (schedule '' = the sampler's default); styles: styles.csv names;
         hires_scale above 1: hires fix (upscale with hires_upscaler, then a second pass of hires_steps at
-        hires_denoise, on hires_variant if given)."""
+        hires_denoise, on hires_variant if given); speed: off (exact), fast or faster (step caching)."""
         return _generate(ctx, "txt2img", dict(
             prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
             guidance=guidance, seed=seed, batch_count=batch_count, batch_size=batch_size, slg=slg,
             max_sequence_length=max_sequence_length, shift=shift, loras=loras,
             **_sampling(sampler, schedule, prompt_3, negative_prompt_3, styles, prompt_weighting, emphasis),
-            **_hires(hires_scale, hires_steps, hires_denoise, hires_upscaler, hires_variant)),
+            **_hires(hires_scale, hires_steps, hires_denoise, hires_upscaler, hires_variant), speed=speed),
             request, progress)
 
     def img2img(init_image=None, prompt=None, negative_prompt=None, strength=None, width=None, height=None, steps=None, guidance=None, seed=None, batch_count=None,
                 batch_size=None, max_sequence_length=None, shift=None, loras=None, sampler=None, schedule=None,
                 prompt_3=None, negative_prompt_3=None, styles=None, prompt_weighting=None, emphasis=None,
-                request: gr.Request = None, progress=gr.Progress()):
+                speed=None, request: gr.Request = None, progress=gr.Progress()):
         """Image to image: repaint an init image by strength. Returns (PNG files, seed, info).
 
         width/height None: the init image's size, brought within the model's limits."""
@@ -114,13 +122,14 @@ def _generation_endpoints(ctx, out):
             init_image=init_image, prompt=prompt, negative_prompt=negative_prompt, strength=strength, width=width,
             height=height, steps=steps, guidance=guidance, seed=seed, batch_count=batch_count,
             batch_size=batch_size, max_sequence_length=max_sequence_length, shift=shift, loras=loras,
-            **_sampling(sampler, schedule, prompt_3, negative_prompt_3, styles, prompt_weighting, emphasis)),
-            request, progress)
+            **_sampling(sampler, schedule, prompt_3, negative_prompt_3, styles, prompt_weighting, emphasis),
+            speed=speed), request, progress)
 
     def inpaint(image=None, mask=None, prompt=None, negative_prompt=None, strength=None, mask_blur=None, only_masked=None, padding=None, steps=None, guidance=None,
                 seed=None, batch_count=None, batch_size=None, max_sequence_length=None, shift=None, loras=None,
                 sampler=None, schedule=None, prompt_3=None, negative_prompt_3=None, styles=None,
-                prompt_weighting=None, emphasis=None, request: gr.Request = None, progress=gr.Progress()):
+                prompt_weighting=None, emphasis=None, speed=None, request: gr.Request = None,
+                progress=gr.Progress()):
         """Inpaint: repaint an image where its mask is white (or opaque, for a PNG with alpha).
 
         Returns (PNG files, seed, info); pixels away from the mask stay the source's."""
@@ -129,18 +138,18 @@ def _generation_endpoints(ctx, out):
             mask_blur=mask_blur, only_masked=only_masked, padding=padding, steps=steps, guidance=guidance,
             seed=seed, batch_count=batch_count, batch_size=batch_size, max_sequence_length=max_sequence_length,
             shift=shift, loras=loras,
-            **_sampling(sampler, schedule, prompt_3, negative_prompt_3, styles, prompt_weighting, emphasis)),
-            request, progress)
+            **_sampling(sampler, schedule, prompt_3, negative_prompt_3, styles, prompt_weighting, emphasis),
+            speed=speed), request, progress)
 
     def turbo(prompt, width=None, height=None, steps=None, seed=None, batch_count=None, batch_size=None,
               sampler=None, schedule=None, prompt_3=None, styles=None, prompt_weighting=None, emphasis=None,
               hires_scale=None, hires_steps=None, hires_denoise=None, hires_upscaler=None, hires_variant=None,
-              request: gr.Request = None, progress=gr.Progress()):
+              speed=None, request: gr.Request = None, progress=gr.Progress()):
         """SD3.5 Large Turbo: 4 steps, no CFG (no negative prompt). Returns (PNG files, seed, info)."""
         return _generate(ctx, "turbo", dict(
             prompt=prompt, width=width, height=height, steps=steps, seed=seed, batch_count=batch_count,
             batch_size=batch_size, **_sampling(sampler, schedule, prompt_3, None, styles, prompt_weighting, emphasis),
-            **_hires(hires_scale, hires_steps, hires_denoise, hires_upscaler, hires_variant)),
+            **_hires(hires_scale, hires_steps, hires_denoise, hires_upscaler, hires_variant), speed=speed),
             request, progress)
 
     def controlnet(prompt, negative_prompt=None, width=None, height=None, steps=None, guidance=None, seed=None,
@@ -149,7 +158,7 @@ def _generation_endpoints(ctx, out):
                    prompt_weighting=None, emphasis=None, hires_scale=None, hires_steps=None, hires_denoise=None,
                    hires_upscaler=None, hires_variant=None, control_image=None, control_type=None, controlnet=None,
                    control_scale=None, control_start=None, control_end=None, preprocess=None, canny_low=None,
-                   canny_high=None, blur_radius=None, image=None, mask=None, request: gr.Request = None,
+                   canny_high=None, blur_radius=None, image=None, mask=None, speed=None, request: gr.Request = None,
                    progress=gr.Progress()):
         """Text to image steered by a ControlNet: the txt2img inputs plus the control image, its type
         (canny, depth, blur, pose, tile; inpaint with image + mask), the ControlNet (a catalog id; none:
@@ -165,7 +174,7 @@ def _generation_endpoints(ctx, out):
             control_image=control_image, control_type=control_type or None, controlnet=controlnet or None,
             control_scale=control_scale, control_start=control_start, control_end=control_end,
             preprocess=preprocess or None, canny_low=canny_low, canny_high=canny_high, blur_radius=blur_radius,
-            init_image=image, mask_image=mask), request, progress)
+            init_image=image, mask_image=mask, speed=speed), request, progress)
 
     def common(_mode, negative=True):
         parts = [gr.Textbox(label="prompt")]
@@ -189,16 +198,16 @@ def _generation_endpoints(ctx, out):
     studio = ctx.studio
     inputs = {
         "txt2img": [*common("txt2img"), *sizes_steps("txt2img"), gr.Dropdown(SLG_CHOICES, value="auto", label="slg"),
-                    *tail("txt2img"), *_sampling_inputs(studio), *_hires_inputs(studio, "txt2img")],
+                    *tail("txt2img"), *_sampling_inputs(studio), *_hires_inputs(studio, "txt2img"), _speed_input()],
         "img2img": [image("init_image"), *common("img2img"), _num("strength", "img2img"), *sizes_steps("img2img"),
-                    *tail("img2img"), *_sampling_inputs(studio)],
+                    *tail("img2img"), *_sampling_inputs(studio), _speed_input()],
         "inpaint": [image("image"), image("mask"), *common("inpaint"), _num("strength", "inpaint"),
                     _num("mask_blur", "inpaint"), gr.Checkbox(False, label="only_masked"), _num("padding", "inpaint"),
                     _num("steps", "inpaint"), _num("guidance", "inpaint"), _num("seed", "inpaint"),
                     _num("batch_count", "inpaint"), _num("batch_size", "inpaint"), *tail("inpaint"),
-                    *_sampling_inputs(studio)],
+                    *_sampling_inputs(studio), _speed_input()],
         "turbo": [*common("turbo", negative=False), *sizes_steps("turbo", guidance=False),
-                  *_sampling_inputs(studio, negative=False), *_hires_inputs(studio, "turbo")],
+                  *_sampling_inputs(studio, negative=False), *_hires_inputs(studio, "turbo"), _speed_input()],
         "controlnet": [*common("txt2img"), *sizes_steps("txt2img"),
                        gr.Dropdown(SLG_CHOICES, value="auto", label="slg"), *tail("txt2img"),
                        *_sampling_inputs(studio), *_hires_inputs(studio, "txt2img"), image("control_image"),
@@ -209,7 +218,8 @@ def _generation_endpoints(ctx, out):
                        _num("control_scale"), _num("control_start"), _num("control_end"),
                        gr.Dropdown(["", *PREPROCESSORS], value="", allow_custom_value=True, label="preprocess",
                                    info="'': the ControlNet's; none: the control image is the map"),
-                       _num("canny_low"), _num("canny_high"), _num("blur_radius"), image("image"), image("mask")],
+                       _num("canny_low"), _num("canny_high"), _num("blur_radius"), image("image"), image("mask"),
+                       _speed_input()],
     }
     fns = {"txt2img": txt2img, "img2img": img2img, "inpaint": inpaint, "turbo": turbo, "controlnet": controlnet}
     gen_out = [gr.File(file_count="multiple", label="images"), gr.Number(label="seed_used", precision=0),
