@@ -1,0 +1,294 @@
+"""Does the demo model draw what it is asked? ``python -m studio.demo.quality [--folder DIR]``
+
+Generates held-out prompts (colour×shape×position combinations never drawn in training, see
+``shapes.is_held_out``) on seeds training never used, with plain diffusers
+(``StableDiffusion3Pipeline.from_pretrained``) at 256², 12 steps, CFG 4, and measures, over the
+images:
+
+- colour: the named colour is the dominant colour that is not the background;
+- shape: a geometric classifier (fill ratio of the bounding box and solidity, the area over
+  the convex hull's) recognises the named shape in the largest blob of that colour;
+- position: the blob's centroid is nearest the named position's anchor;
+- background: the most common colour is the named background (grey when none is named).
+
+Each pixel is labelled with the nearest palette colour (``shapes.COLOURS`` plus grey); pixels far
+from every palette colour (soft edges) are left unlabelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from studio.demo import shapes
+
+GOALS = {"colour": 0.90, "position": 0.85, "shape": 0.70}
+STEPS, GUIDANCE = 12, 4.0
+QUALITY_SEED = 90_000  # training scenes and noise use seeds far below this
+
+PALETTE_NAMES = (*shapes.COLOURS, "grey")
+PALETTE = np.array([*shapes.COLOURS.values(), shapes.GREY], dtype=np.float32)
+_MAX_DISTANCE = 80.0  # RGB distance beyond which a pixel is "no palette colour"
+
+
+def label_map(image) -> np.ndarray:
+    """Per pixel, the index into PALETTE_NAMES of the nearest palette colour, or -1."""
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    d = np.linalg.norm(rgb[:, :, None, :] - PALETTE[None, None], axis=-1)
+    labels = d.argmin(-1)
+    labels[d.min(-1) > _MAX_DISTANCE] = -1
+    return labels
+
+
+def colour_fractions(image) -> dict[str, float]:
+    """Fraction of the picture labelled with each palette colour (and "none")."""
+    labels = label_map(image)
+    out = {name: float((labels == i).mean()) for i, name in enumerate(PALETTE_NAMES)}
+    out["none"] = float((labels == -1).mean())
+    return out
+
+
+def largest_blob(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected component of a boolean mask."""
+    seen = np.zeros_like(mask, dtype=bool)
+    best: list[tuple[int, int]] = []
+    h, w = mask.shape
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        seen[y0, x0] = True
+        queue, blob = deque([(y0, x0)]), []
+        while queue:
+            y, x = queue.popleft()
+            blob.append((y, x))
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    queue.append((ny, nx))
+        if len(blob) > len(best):
+            best = blob
+    out = np.zeros_like(mask, dtype=bool)
+    if best:
+        ys, xs = zip(*best)
+        out[list(ys), list(xs)] = True
+    return out
+
+
+def _hull_area(points: np.ndarray) -> float:
+    """Area of the convex hull of 2-D points (Andrew's monotone chain + shoelace)."""
+    pts = sorted(set(map(tuple, points.tolist())))
+    if len(pts) < 3:
+        return 0.0
+
+    def cross(o, a, b):
+        return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+
+    lower, upper = [], []
+    for p in pts:
+        while len(lower) >= 2 and cross(lower[-2], lower[-1], p) <= 0:
+            lower.pop()
+        lower.append(p)
+    for p in reversed(pts):
+        while len(upper) >= 2 and cross(upper[-2], upper[-1], p) <= 0:
+            upper.pop()
+        upper.append(p)
+    hull = np.array(lower[:-1] + upper[:-1], dtype=np.float64)
+    x, y = hull[:, 0], hull[:, 1]
+    return float(0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
+
+
+def shape_features(blob: np.ndarray) -> dict[str, float]:
+    """Fill ratio of the bounding box, solidity (area / convex hull), aspect, top/bottom widths."""
+    ys, xs = np.nonzero(blob)
+    if len(ys) < 20:
+        return {"area": float(len(ys)), "fill": 0.0, "solidity": 0.0, "aspect": 0.0, "taper": 0.0}
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    area = float(len(ys))
+    # the hull of the pixels' corners, so a filled square has solidity 1
+    corners = np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (0, 1) for dy in (0, 1)])
+    rows = blob[y0:y1, x0:x1].sum(1).astype(np.float64)
+    third = max(1, len(rows) // 3)
+    return {
+        "area": area,
+        "fill": area / float((y1 - y0) * (x1 - x0)),
+        "solidity": area / max(_hull_area(corners), 1.0),
+        "aspect": float(x1 - x0) / float(y1 - y0),
+        "taper": float(rows[:third].mean() / max(rows[-third:].mean(), 1.0)),  # triangle ≪ 1
+    }
+
+
+def classify_shape(blob: np.ndarray) -> str | None:
+    """circle / square / triangle / star from the blob's geometry (None: too small to say)."""
+    f = shape_features(blob)
+    if f["area"] < 20:
+        return None
+    if f["solidity"] < 0.8:
+        return "star"
+    if f["fill"] > 0.9:
+        return "square"
+    if f["fill"] < 0.66 or f["taper"] < 0.6:
+        return "triangle"
+    return "circle"
+
+
+def nearest_position(cx: float, cy: float) -> str:
+    """The named position (shapes.ANCHORS) nearest a centroid given in fractions of the picture."""
+    return min(shapes.ANCHORS, key=lambda p: (shapes.ANCHORS[p][0] - cx) ** 2 + (shapes.ANCHORS[p][1] - cy) ** 2)
+
+
+@dataclass
+class Reading:
+    """What the measures see in one picture of one named object."""
+
+    background: str | None  # the most common palette colour
+    dominant: str | None  # the most common palette colour other than the expected background
+    shape: str | None  # the classifier's reading of the largest blob of the named colour
+    position: str | None  # the anchor nearest that blob's centroid
+
+
+def read_image(image, colour: str, background_rgb) -> Reading:
+    """What the measures read in one picture: background, dominant colour, and the named colour's shape
+    and position."""
+    labels = label_map(image)
+    counts = np.bincount(labels[labels >= 0].ravel(), minlength=len(PALETTE_NAMES))
+    bg_index = int(np.argmin(np.linalg.norm(PALETTE - np.asarray(background_rgb, np.float32), axis=1)))
+    background = PALETTE_NAMES[int(counts.argmax())] if counts.sum() else None
+    others = counts.copy()
+    others[bg_index] = 0
+    min_pixels = 0.002 * labels.size
+    dominant = PALETTE_NAMES[int(others.argmax())] if others.max() >= min_pixels else None
+    blob = largest_blob(labels == PALETTE_NAMES.index(colour))
+    if blob.sum() < min_pixels:
+        return Reading(background, dominant, None, None)
+    ys, xs = np.nonzero(blob)
+    h, w = labels.shape
+    return Reading(background, dominant, classify_shape(blob), nearest_position(xs.mean() / w, ys.mean() / h))
+
+
+def held_out_scenes(count: int, seed: int = QUALITY_SEED) -> list[shapes.Scene]:
+    """Single-object scenes, every one a held-out colour×shape×position combination."""
+    rng = np.random.default_rng(seed)
+    return [shapes.sample_scene(rng, held_out=True) for _ in range(count)]
+
+
+def measure(pipe, scenes, seed: int = QUALITY_SEED, batch: int = 8, steps: int = STEPS,
+            guidance: float = GUIDANCE, save_dir: Path | None = None, **call_kwargs) -> dict:
+    """Generate one image a scene (seed + its index) and score it; returns the fractions."""
+    import torch
+
+    hits = {"colour": 0, "shape": 0, "position": 0, "background": 0}
+    rows = []
+    for start in range(0, len(scenes), batch):
+        chunk = scenes[start:start + batch]
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+        images = pipe([s.prompt for s in chunk], num_inference_steps=steps, guidance_scale=guidance,
+                      height=shapes.SIZE, width=shapes.SIZE, generator=generators, **call_kwargs).images
+        for i, (scene, image) in enumerate(zip(chunk, images)):
+            obj = scene.objects[0]
+            r = read_image(image, obj.colour, scene.background_rgb)
+            ok = {
+                "colour": r.dominant == obj.colour,
+                "shape": r.shape == obj.shape,
+                "position": r.position == obj.position,
+                "background": r.background == (scene.background or "grey"),
+            }
+            for k, v in ok.items():
+                hits[k] += v
+            rows.append({"prompt": scene.prompt, **{k: bool(v) for k, v in ok.items()},
+                         "read": r.__dict__})
+            if save_dir is not None:
+                save_dir.mkdir(parents=True, exist_ok=True)
+                image.save(save_dir / f"{start + i:03d}.png")
+    n = max(len(scenes), 1)
+    return {"n": len(scenes), **{k: v / n for k, v in hits.items()}, "rows": rows}
+
+
+def table(result: dict) -> str:
+    """The figures as a text table, each against its goal."""
+    lines = [f"{'measure':<11} {'figure':>7} {'goal':>6}  met", "-" * 32]
+    for key in ("colour", "position", "shape", "background"):
+        goal = GOALS.get(key)
+        met = "" if goal is None else ("yes" if result[key] >= goal else "NO")
+        goal_text = "" if goal is None else f"{goal:.0%}"
+        lines.append(f"{key:<11} {result[key]:>7.1%} {goal_text:>6}  {met}")
+    lines.append(f"({result['n']} held-out images, 256², {STEPS} steps, CFG {GUIDANCE:g})")
+    return "\n".join(lines)
+
+
+GRID_PROMPTS = (
+    "a red circle on a white background",
+    "a large blue square at the left",
+    "a small yellow triangle at the top",
+    "a green star in the center on a black background",
+    "a purple circle at the bottom on a yellow background",
+    "a large blue square at the left and a small yellow triangle at the right",
+)
+
+
+def grid(pipe, prompts=GRID_PROMPTS, seeds=(1, 2, 3, 4), steps: int = STEPS, guidance: float = GUIDANCE):
+    """A labelled grid: one row a prompt, one column a seed (what assets/demo-grid.png shows)."""
+    import torch
+    from PIL import Image, ImageDraw
+
+    cell, label_h, pad = shapes.SIZE // 2, 28, 4
+    width = pad + len(seeds) * (cell + pad)
+    height = label_h + len(prompts) * (cell + label_h + pad)
+    sheet = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((pad, 8), f"seeds {', '.join(map(str, seeds))}  |  256², {steps} steps, CFG {guidance:g}", fill=(0, 0, 0))
+    for row, prompt in enumerate(prompts):
+        y = label_h + row * (cell + label_h + pad)
+        draw.text((pad, y + 8), prompt, fill=(0, 0, 0))
+        images = pipe([prompt] * len(seeds), num_inference_steps=steps, guidance_scale=guidance,
+                      height=shapes.SIZE, width=shapes.SIZE,
+                      generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+        for col, image in enumerate(images):
+            sheet.paste(image.resize((cell, cell)), (pad + col * (cell + pad), y + label_h))
+    return sheet
+
+
+def main(argv=None) -> int:
+    """The command line: measure a pipeline folder (default: the shipped one), print the table,
+    optionally save JSON and a grid."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(prog="python -m studio.demo.quality", description=__doc__.split("\n")[0])
+    parser.add_argument("--folder", type=Path, default=None, help="pipeline folder (default: the shipped one)")
+    parser.add_argument("--count", type=int, default=96, help="held-out images to generate")
+    parser.add_argument("--seed", type=int, default=QUALITY_SEED)
+    parser.add_argument("--save", type=Path, default=None, help="also save the images here")
+    parser.add_argument("--json", type=Path, default=None, help="write the figures as JSON here")
+    parser.add_argument("--grid", type=Path, default=None, help="also write the labelled grid PNG here")
+    args = parser.parse_args(argv)
+
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    from studio.demo import trained_folder
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    folder = args.folder or trained_folder()
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    started = time.time()
+    result = measure(pipe, held_out_scenes(args.count, args.seed), seed=args.seed, save_dir=args.save)
+    print(table(result))
+    print(f"measured in {time.time() - started:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    if args.grid:
+        grid(pipe).save(args.grid)
+        print(f"grid written to {args.grid}")
+    return 0 if all(result[k] >= g for k, g in GOALS.items()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The demo model's training script, as a smoke run (--quick: every stage for two steps)."""
+
+import hashlib
+import json
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    import torch
+
+    from studio.demo.train import Recipe, train
+
+    out = tmp_path_factory.mktemp("demo-train")
+    threads = torch.get_num_threads()
+    try:
+        record = train(out, Recipe.quick(seed=3), bf16=False, quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+    return out, record
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_quick_run_writes_a_complete_pipeline_and_both_loras(quick_run):
+    from diffusers import StableDiffusion3Pipeline
+
+    from studio.demo import KOHYA_LORA_FILE, LORA_FILE, trained_folder
+
+    out, record = quick_run
+    folder = trained_folder(out)  # verified complete
+    assert json.loads((out / "training.json").read_text())["stages"].keys() >= {"vae", "transformer", "lora"}
+    assert record["recipe"]["seed"] == 3
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.transformer.config.qk_norm == "rms_norm" and list(pipe.transformer.config.dual_attention_layers)
+    assert pipe.vae.config.latent_channels == 16 and not pipe.vae.config.use_quant_conv
+    pipe.load_lora_weights(str(out / LORA_FILE), adapter_name="purple")
+    image = pipe("a red circle", num_inference_steps=1, guidance_scale=1.0, height=64, width=64).images[0]
+    assert image.size == (64, 64)
+    assert (out / KOHYA_LORA_FILE).is_file()
+
+
+def test_frozen_encoders_stay_bit_identical_to_the_tiny_family(quick_run, tiny_family):
+    """So the demo variants share the encoder objects (and files) with the tiny family."""
+    out, _ = quick_run
+    for component in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_3"):
+        trained = {p.name: _sha(p) for p in (out / "sd3.5-medium-shapes" / component).iterdir()}
+        tiny = {p.name: _sha(p) for p in (tiny_family["sd3.5-medium"] / component).iterdir()}
+        assert trained == tiny, component
+
+
+def test_kohya_export_is_exactly_the_peft_lora(quick_run):
+    """kohya's layout: fused qkv = the three A stacked (down) and the three B block-diagonal (up),
+    alpha tripled; its ΔW = up @ down · alpha / rank equals PEFT's stacked B @ A · alpha / r."""
+    import torch
+    from safetensors.torch import load_file
+
+    from studio.demo import KOHYA_LORA_FILE, LORA_FILE
+    from studio.demo.train import LORA_MODULES
+
+    out, record = quick_run
+    peft = load_file(out / LORA_FILE)
+    kohya = load_file(out / KOHYA_LORA_FILE)
+    r = record["recipe"]["lora_rank"]
+    assert all(k.startswith("transformer.transformer_blocks.") for k in peft)
+    assert all(k.startswith("lora_unet_joint_blocks_") for k in kohya)
+    assert "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight" in kohya
+    assert "lora_unet_joint_blocks_0_context_block_mlp_fc2.alpha" in kohya
+
+    def peft_delta(block, module):
+        a = peft[f"transformer.transformer_blocks.{block}.{module}.lora_A.weight"]
+        b = peft[f"transformer.transformer_blocks.{block}.{module}.lora_B.weight"]
+        return b @ a  # lora_alpha == r: PEFT's scale is 1
+
+    checked = 0
+    names = {k.rsplit(".", 2)[0] for k in kohya if k.endswith(".alpha")}
+    for name in names:
+        down, up = kohya[f"{name}.lora_down.weight"], kohya[f"{name}.lora_up.weight"]
+        delta = up @ down * float(kohya[f"{name}.alpha"]) / down.shape[0]
+        block = int(name.split("_")[4])
+        path = name.split("_", 5)[5]  # e.g. x_block_attn_qkv
+        modules = sorted((m for m, (target, _) in LORA_MODULES.items() if target.replace(".", "_") == path),
+                         key=lambda m: LORA_MODULES[m][1] or 0)
+        expected = torch.cat([peft_delta(block, m) for m in modules], 0)
+        torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-7)
+        checked += 1
+    assert checked == len(names) > 0
+    assert len(kohya) == 3 * len(names)
+    assert sum(1 for k in peft if k.endswith("lora_A.weight")) == sum(
+        3 if n.endswith("qkv") else 1 for n in names)
