@@ -146,35 +146,35 @@ def test_an_unknown_speed_is_refused_naming_the_field_and_the_modes(demo_config)
     assert fresh.current is None, "refused before any model was loaded"
 
 
-def _fake_group_offload(transformer):
-    """What diffusers' group offload leaves on a block: a hook registry with its hook's name."""
-    from diffusers.hooks.hooks import HookRegistry, ModelHook
+def test_group_offload_is_refused_with_the_reason_before_any_work(demo_config, monkeypatch):
+    """A model placed with diffusers' real group offload (onto the CPU here: the hooks are the same
+    as on a GPU), through the one placement decision: Speed fast/faster is refused naming speed, in
+    generate and in the ZeroGPU path's main-process half, before anything runs; off still runs."""
+    import dataclasses
 
-    block = transformer.transformer_blocks[1]
-    HookRegistry.check_if_exists_or_initialize(block).register_hook(ModelHook(), "group_offloading")
+    import torch
 
-    def undo():
-        block._diffusers_hook.remove_hook("group_offloading", recurse=False)
-        del block._diffusers_hook
-        block.__dict__.pop("forward", None)
+    from studio.service import Studio
 
-    return undo
+    def group_offload(pipe):
+        pipe.transformer.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                                              offload_type="block_level", num_blocks_per_group=1)
+        return pipe
 
-
-def test_group_offload_is_refused_with_the_reason_before_any_work(studio, monkeypatch):
-    studio.generate(build_request(dict(prompt="x", **FAST)))  # the model is loaded
+    studio = Studio(demo_config)
+    base = studio.placement_for()
+    monkeypatch.setattr(studio, "placement_for", lambda *a, **k: dataclasses.replace(
+        base, name="group-offload-on-cpu", resident=False, apply=group_offload))
+    off = studio.generate(build_request(dict(prompt="x", slg="off", **FAST)))
+    assert off.images and studio.current.placement.name == "group-offload-on-cpu"
     ran = []
     monkeypatch.setattr(type(studio.engine), "_run", lambda *a, **k: ran.append(1))
-    undo = _fake_group_offload(studio.current.pipe.transformer)
-    try:
-        for call in (studio.generate, studio.prepare):  # here, and the ZeroGPU path's main-process half
-            with pytest.raises(ValidationError) as e:
-                call(build_request(dict(prompt="x", speed="faster", **FAST)))
-            assert e.value.field == "speed" and "group offload" in str(e.value)
-            assert "set Speed to off" in str(e.value)
-        assert ran == [], "nothing ran"
-    finally:
-        undo()
+    for call in (studio.generate, studio.prepare):
+        with pytest.raises(ValidationError) as e:
+            call(build_request(dict(prompt="x", speed="faster", **FAST)))
+        assert e.value.field == "speed" and "group offload" in str(e.value)
+        assert "set Speed to off" in str(e.value)
+    assert ran == [], "nothing ran"
 
 
 # --- the API and the CLI --------------------------------------------------------------------------
