@@ -12,6 +12,10 @@ against a number from another run, so it holds on a busy shared machine too:
 - ``startup_ratio``      ``launch.py --demo`` time to first HTTP 200 ÷ a bare gradio Blocks
                          hello-world started the same way. Goal ≤ 1.5.
 - ``gallery_page_ms`` / ``gallery_search_ms``  one page / one search over 10,000 entries. Goal ≤ 50 ms.
+- ``reconcile_start_ratio`` ``launch.py --demo`` time to first HTTP 200 with a 10,000-image
+                         gallery (reconciled at every start: index and files brought into
+                         agreement) ÷ with an empty one. Goal ≤ 1.25; plus ``reconcile_s``, the
+                         reconcile of a consistent 10,000-image gallery in-process.
 - ``stepcache_<mode>_*`` the step cache (``studio.engine.stepcache``, Speed fast / faster) on the
                          trained demo model (``studio.demo.trained_folder()``; the tiny random
                          family until it ships) at 28 steps, each against the same image uncached:
@@ -39,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository (launch.py)
 GOALS = {
     "overhead_ratio": ("<=", 1.03),
     "swap_cached_ratio": ("<=", 0.10),
@@ -48,6 +52,7 @@ GOALS = {
     "startup_ratio": ("<=", 1.5),
     "gallery_page_ms": ("<=", 50.0),
     "gallery_search_ms": ("<=", 50.0),
+    "reconcile_start_ratio": ("<=", 1.25),
     "stepcache_fast_skipped": (">=", 0.35),
     "stepcache_fast_mad_255": ("<=", 4.0),
 }
@@ -228,6 +233,33 @@ def bench_startup(work: Path, repeat: int) -> dict:
     return {"startup_ratio": s / h, "startup_studio_s": s, "startup_hello_s": h}
 
 
+def bench_reconcile(work: Path, repeat: int, n: int = 10_000) -> dict:
+    """``reconcile_start_ratio``: ``launch.py --demo`` time to first HTTP 200 with an ``n``-image
+    gallery (reconciled at start, #12) ÷ with an empty one — plus ``reconcile_s``, the reconcile
+    itself in-process."""
+    from studio.bench.gallery import build_data_dir, reconcile_run
+    from studio.demo.tiny import build_tiny_family
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    empty, full = work / "reconcile-empty", work / "reconcile-full"
+    for data in (empty, full):
+        build_tiny_family(data / "models" / "tiny")  # outside the timing: a start never builds models
+    build_data_dir(full, n)
+
+    def start(data: Path) -> float:
+        port = _free_port()
+        return _time_to_200([sys.executable, str(ROOT / "launch.py"), "--demo", "--port", str(port),
+                             "--data-dir", str(data)], port, env)
+
+    te, tf = [], []
+    for i in range(repeat):
+        for data in ((empty, full) if i % 2 == 0 else (full, empty)):
+            (te if data is empty else tf).append(start(data))
+    e, f = statistics.median(te), statistics.median(tf)
+    inproc = reconcile_run(n, work / "reconcile-inproc", repeat=3)
+    return {"reconcile_start_ratio": f / e, "reconcile_start_s": f, "plain_start_s": e, **inproc}
+
+
 def stepcache_model(work: Path) -> tuple[Path, str]:
     """The model the step cache is measured on: the trained demo model when it ships, else the
     tiny random family's SD3.5 Medium (its first block's residual behaves unlike a trained one's)."""
@@ -355,7 +387,7 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-BENCHES = ("overhead", "swap", "cache", "startup", "gallery", "stepcache", "compile")
+BENCHES = ("overhead", "swap", "cache", "startup", "gallery", "reconcile", "stepcache", "compile")
 
 
 def run(only: list[str] | None = None, quick: bool = False, work: Path | None = None) -> dict:
@@ -389,6 +421,8 @@ def run(only: list[str] | None = None, quick: bool = False, work: Path | None = 
             results.update(bench_startup(work, 1 if quick else 3))
         if "gallery" in want:
             results.update(bench_gallery(1000 if quick else 10_000))
+        if "reconcile" in want:
+            results.update(bench_reconcile(work, 1 if quick else 3, 1000 if quick else 10_000))
         if "stepcache" in want:
             results.update(bench_stepcache(work, steps=8 if quick else 28,
                                            prompts=STEPCACHE_PROMPTS[:1] if quick else STEPCACHE_PROMPTS))

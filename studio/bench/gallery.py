@@ -100,6 +100,59 @@ def run(n: int = 10_000, data_dir: str | Path | None = None) -> dict:
             tmp.cleanup()
 
 
+def build_data_dir(data_dir: str | Path, n: int) -> Path:
+    """A data dir holding ``n`` consistent gallery images — PNG with metadata, thumbnail and index
+    row each — as a studio that made them leaves it: the state every start reconciles. One image
+    is saved for real; the rest are byte copies under their own ids (no PNG is encoded ``n`` times)."""
+    import shutil
+
+    from PIL import Image
+
+    data_dir = Path(data_dir)
+    gallery = Gallery(data_dir)
+    try:
+        first = gallery.save(Image.new("RGB", (64, 64), (90, 120, 150)), build_entries(1)[0] | {"prompt": "seed"})
+        png, thumb = Path(first.path), gallery._thumb(first.id)  # noqa: SLF001 - the bench builds the layout
+        entries = build_entries(n - 1, seed=1)
+        for e in entries:
+            rel = f"images/2024-01-01/{e['_id']}.png"
+            target = data_dir / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(png, target)
+            shutil.copyfile(thumb, gallery._thumb(e["_id"]))  # noqa: SLF001
+            e["_path"] = rel
+            e.pop("_owner")  # no owner folder: the local layout
+        gallery.bulk_index(entries)
+        assert gallery.count() == n
+    finally:
+        gallery.close()
+    return data_dir
+
+
+def reconcile_run(n: int = 10_000, data_dir: str | Path | None = None, repeat: int = 5) -> dict:
+    """``reconcile_s``: what every start spends bringing an ``n``-image gallery and its files into
+    agreement when nothing needs fixing (median of ``repeat``); ``reconcile_per_1k_ms``."""
+    tmp = None
+    if data_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="reconcile-bench-")
+        data_dir = tmp.name
+    try:
+        build_data_dir(data_dir, n)
+        times = []
+        for _ in range(repeat):
+            gallery = Gallery(data_dir)
+            t0 = time.perf_counter()
+            report = gallery.reconcile()
+            times.append(time.perf_counter() - t0)
+            gallery.close()
+            assert not (report.added or report.dropped or report.errors), "a consistent gallery changed"
+        s = statistics.median(times)
+        return {"reconcile_n": n, "reconcile_s": round(s, 4), "reconcile_per_1k_ms": round(1000 * s / n * 1000, 3)}
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
 if __name__ == "__main__":
     out = run()
     print({k: v for k, v in out.items() if not k.endswith("_ids")})
