@@ -30,7 +30,12 @@ def _sliders(app) -> dict[str, list[gr.Slider]]:
 
 
 # elem_id suffix → the limits entry it stands for
-SUFFIX = {"-steps": "steps", "-guidance": "guidance", "-batch-count": "batch_count", "-batch-size": "batch_size",
+# (the longer suffixes first: "-hires-steps" is hires_steps, not steps)
+SUFFIX = {"-hires-steps": "hires_steps", "-hires-scale": "hires_scale", "-hires-denoise": "hires_denoise",
+          "-upscale-by": "upscale_scale", "-refine-denoise": "refine_denoise", "control-scale": "control_scale",
+          "control-start": "control_start", "control-end": "control_end", "-canny-low": "canny_low",
+          "-canny-high": "canny_high", "control-blur": "blur_radius",
+          "-steps": "steps", "-guidance": "guidance", "-batch-count": "batch_count", "-batch-size": "batch_size",
           "-shift": "shift", "-msl": "max_sequence_length", "-strength": "strength", "-mask-blur": "mask_blur",
           "-padding": "padding"}
 
@@ -47,7 +52,7 @@ def test_every_slider_offers_exactly_the_engines_range(app):
         for s in sliders:
             assert (s.minimum, s.maximum) == (lim.lo, lim.hi), (elem_id, s.minimum, s.maximum, lim)
             checked += 1
-    assert checked >= 25, f"only {checked} sliders found"
+    assert checked >= 40, f"only {checked} sliders found"
 
 
 @pytest.mark.parametrize("name", ["steps", "guidance", "batch_count", "batch_size", "shift", "max_sequence_length",

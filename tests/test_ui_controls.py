@@ -91,11 +91,13 @@ def test_sampler_schedule_styles_t5_prompt_and_weighting_reach_the_image_and_com
     base = make(studio, t, fast(t, prompt="a red fox", seed=5))
     vals = fast(t, prompt="a red fox", seed=5)
     vals.update({t.sampling.sampler: "DPM++ 2M", t.sampling.schedule: "Karras", t.prompt_row.styles: ["Neon"],
-                 t.advanced.prompt_3: "a fox in snow", t.advanced.prompt_weighting: False})
+                 t.advanced.prompt_3: "a fox in snow", t.advanced.prompt_weighting: False,
+                 t.advanced.speed: "fast"})
     res = make(studio, t, vals)
     meta = res.images[0].metadata
     assert (meta["sampler"], meta["schedule"], meta["styles"]) == ("DPM++ 2M", "Karras", ["Neon"])
-    assert (meta["prompt_3"], meta["prompt_weighting"]) == ("a fox in snow", False)
+    assert (meta["prompt_3"], meta["prompt_weighting"], meta["speed"]) == ("a fox in snow", False, "fast")
+    assert base.images[0].metadata["speed"] == "off"  # the default: exact reproduction
     assert not np.array_equal(np.asarray(res.images[0].image), np.asarray(base.images[0].image))
     # Automatic schedule: the engine's own choice (no schedule sent)
     assert t.request({**vals, t.sampling.schedule: AUTOMATIC}).schedule is None
@@ -106,6 +108,7 @@ def test_sampler_schedule_styles_t5_prompt_and_weighting_reach_the_image_and_com
     assert (again[t.sampling.sampler], again[t.sampling.schedule]) == ("DPM++ 2M", "Karras")
     assert again[t.prompt_row.styles] == ["Neon"] and again[t.prompt_row.prompt] == "a red fox"
     assert (again[t.advanced.prompt_3], again[t.advanced.prompt_weighting]) == ("a fox in snow", False)
+    assert again[t.advanced.speed] == "fast"
     redo = make(studio, t, again)
     assert np.array_equal(np.asarray(redo.images[0].image), np.asarray(res.images[0].image))
 

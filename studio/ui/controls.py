@@ -14,6 +14,7 @@ import gradio as gr
 from studio.catalog import ASPECT_PRESETS, MAX_SIDE, VARIANTS
 from studio.engine.limits import LIMITS, snap
 from studio.engine.samplers import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES
+from studio.engine.stepcache import SPEED_DEFAULT, SPEED_HELP, SPEED_MODES
 
 NATIVE = "Native (model size)"
 MATCH_INIT = "Match init image"
@@ -207,7 +208,8 @@ class BatchGroup:
 
 
 class AdvancedGroup:
-    """Skip Layer Guidance (offered for Medium variants), scheduler shift, T5 tokens."""
+    """Skip Layer Guidance (offered for Medium variants), scheduler shift, T5 tokens, Speed (the
+    step cache; off by default, for exact reproduction), prompt weighting and the T5 prompt."""
 
     def __init__(self, prefix: str, slg_visible: bool, slg_value: bool, with_slg: bool = True):
         with gr.Accordion("Advanced", open=False, elem_id=f"{prefix}-advanced"):
@@ -219,6 +221,9 @@ class AdvancedGroup:
             with gr.Row():
                 self.shift = slider("shift", elem_id=f"{prefix}-shift")
                 self.max_sequence_length = slider("max_sequence_length", elem_id=f"{prefix}-msl")
+            self.speed = gr.Radio(list(SPEED_MODES), value=SPEED_DEFAULT, label="Speed (step cache)",
+                                  info=" · ".join(f"{m}: {SPEED_HELP[m]}" for m in SPEED_MODES),
+                                  elem_id=f"{prefix}-speed")
             self.prompt_weighting = gr.Checkbox(
                 True, label="Prompt weighting", elem_id=f"{prefix}-weighting",
                 info="A1111's (word:1.2) syntax and 75-token CLIP chunks; off: the prompt is literal text")

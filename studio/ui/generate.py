@@ -86,6 +86,8 @@ class GenTab:
                 f["prompt_3"] = v[adv.prompt_3] or ""
             if adv.prompt_weighting in v:
                 f["prompt_weighting"] = bool(v[adv.prompt_weighting])
+            if adv.speed in v:
+                f["speed"] = v[adv.speed]
             if self.prompt_row.negative.visible and adv.negative_prompt_3 in v:
                 f["negative_prompt_3"] = v[adv.negative_prompt_3] or ""
         return f
@@ -96,7 +98,8 @@ class GenTab:
         if self.sampling is not None:
             out += [self.sampling.sampler, self.sampling.schedule]
         if self.advanced is not None and hasattr(self.advanced, "prompt_3"):
-            out += [self.advanced.prompt_3, self.advanced.negative_prompt_3, self.advanced.prompt_weighting]
+            out += [self.advanced.prompt_3, self.advanced.negative_prompt_3, self.advanced.prompt_weighting,
+                    self.advanced.speed]
         if self.hires is not None:
             out += self.hires.components()
         return out
@@ -121,7 +124,8 @@ class GenTab:
             d["shift"] = self.advanced.shift
             d["max_sequence_length"] = self.advanced.max_sequence_length
             if hasattr(self.advanced, "prompt_3"):
-                d.update(prompt_3=self.advanced.prompt_3, prompt_weighting=self.advanced.prompt_weighting)
+                d.update(prompt_3=self.advanced.prompt_3, prompt_weighting=self.advanced.prompt_weighting,
+                         speed=self.advanced.speed)
                 if self.prompt_row.negative.visible:
                     d["negative_prompt_3"] = self.advanced.negative_prompt_3
         if self.sampling is not None:
