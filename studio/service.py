@@ -18,6 +18,7 @@ loaded.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import threading
 from functools import cached_property
@@ -118,7 +119,28 @@ class Studio:
         """The preset name loads use now ("auto" or a preset name)."""
         return self._preset
 
-    def placement_for(self, preset: str | None = None, variant: str | None = None, hardware=None):
+    @staticmethod
+    def file_bytes(source: str | None) -> tuple[dict[str, int] | None, str | None]:
+        """What the planner must know of a user's file: (component_bytes, transformer_format).
+
+        A local ``.gguf`` transformer loads at its quantized size (``quantized_bytes`` plus the
+        unquantized parameters in bf16), read from its header — never guessed; any other source
+        (a Hub id, a folder, a .safetensors file, fp8 or scaled fp8, which load dequantized at the
+        release's size) is what the catalog counts: (None, None)."""
+        if not source or not str(source).lower().endswith(".gguf") or not os.path.isfile(source):
+            return None, None
+        from studio.models.singlefile import file_storage
+
+        try:
+            st = file_storage(source)
+        except Exception as e:  # noqa: BLE001 - the load says what is wrong with the file
+            log.warning("could not read %s's header for the planner: %s", os.path.basename(source), e)
+            return None, None
+        loaded = int(st.get("quantized_bytes", 0)) + 2 * int(st.get("unquantized_params", 0))
+        return ({"transformer": loaded} if loaded else None), "gguf"
+
+    def placement_for(self, preset: str | None = None, variant: str | None = None, hardware=None,
+                      source: str | None = None):
         """The Placement for a memory preset name — THE decision, for every load path.
 
         ``preset`` None means the studio's current choice (``--preset``, or the last preset
@@ -126,7 +148,8 @@ class Studio:
         unknown name, and the reason for a preset that cannot run on this machine. With
         ``config.compile`` (``--compile``) the placement also compiles the transformer's blocks
         (``studio.engine.compile.with_compile``; its name ends in ``+compile``), or is refused with
-        the reason for a preset that does not combine with compiling.
+        the reason for a preset that does not combine with compiling. ``source``: a GGUF file's
+        real bytes and fixed storage go into the planner's choice (:meth:`file_bytes`).
         """
         from studio.hardware import detect_hardware
         from studio.memory import PRESETS, choose, get_preset
@@ -143,7 +166,9 @@ class Studio:
                 placement.reason = ("demo: the tiny models run at the device's default precision; "
                                     "the planner's choice is for the real weights")
                 return self._compiled(placement, "demo")
-            plan = choose(hardware, variant or self.config.variant or DEFAULT_VARIANT)
+            component_bytes, transformer_format = self.file_bytes(source)
+            plan = choose(hardware, variant or self.config.variant or DEFAULT_VARIANT,
+                          component_bytes=component_bytes, transformer_format=transformer_format)
             if not plan.fits:
                 log.warning("no preset fits: %s", plan.explanation.splitlines()[0])
             preset = plan.preset
@@ -200,7 +225,7 @@ class Studio:
         self.check_shared(source, variant)
         if variant is not None and variant not in VARIANTS:
             raise ModelError(f"Unknown variant {str(variant)[:60]!r}; choose one of: {', '.join(VARIANTS)}.")
-        placement = self.placement_for(preset, variant)
+        placement = self.placement_for(preset, variant, source=source)
         loaded = self.models.load(source or None, variant=variant, placement=placement, progress=progress)
         if preset:
             with self._preset_lock:

@@ -157,3 +157,30 @@ def test_not_an_sd3_gguf_is_refused(tiny_family, tmp_path):
     bad.write_bytes(b"GGUF" + b"\0" * 20)
     with pytest.raises(ModelError, match=r"broken\.gguf is not a readable GGUF file"):
         inspect_file(bad)
+
+
+def test_the_one_placement_decision_plans_a_gguf_at_its_header_bytes(ggufs, tmp_path):
+    """``Studio.placement_for(source=…gguf)`` hands the planner the file's real bytes and fixes the
+    transformer's storage to gguf; any other source plans at the catalog's counts."""
+    from studio.hardware import Hardware
+    from studio.memory import choose
+    from studio.service import Studio
+
+    file, _ = ggufs["Q4_0"]
+    info = gguf_tensor_bytes(file)
+    component_bytes, fmt = Studio.file_bytes(str(file))
+    assert fmt == "gguf"
+    assert component_bytes == {"transformer": info["quantized_bytes"] + 2 * info["unquantized_params"]}
+    assert Studio.file_bytes("stabilityai/stable-diffusion-3.5-large") == (None, None)
+    assert Studio.file_bytes(str(tmp_path / "missing.gguf")) == (None, None)
+
+    from studio.hardware import Gpu
+
+    gpu = Hardware(gpus=[Gpu(0, "sim", 12 << 30, 12 << 30, (8, 9))], ram_total_bytes=64 << 30,
+                   ram_available_bytes=60 << 30, device="cuda")
+    plan = choose(gpu, "sd3.5-large", component_bytes=component_bytes, transformer_format=fmt)
+    assert plan.preset_obj.axes["transformer"] == "gguf"
+    d = plan.to_dict()
+    assert d["component_bytes"] == component_bytes
+    row = next(r for r in d["components"] if r["name"] == "transformer")
+    assert row["bytes"] == component_bytes["transformer"]

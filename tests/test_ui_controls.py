@@ -197,7 +197,7 @@ def test_gallery_upscale_saves_a_new_image_that_names_its_parent(studio, ui):
     ctx, tabs, gallery = ui
     t = tabs["txt2img"]
     parent = make(studio, t, fast(t, prompt="a small house", seed=8)).images[0]
-    out = gallery._upscale(parent.id, "Lanczos", 2.0, False, 0.3, None)
+    out = gallery._upscale(parent.id, "Lanczos", 2.0, False, 0.3, None, None)
     new_id = out[gallery.selected_id]
     assert new_id and new_id != parent.id
     item = studio.get_image(new_id)
@@ -205,6 +205,21 @@ def test_gallery_upscale_saves_a_new_image_that_names_its_parent(studio, ui):
     with Image.open(item.path) as im:
         assert im.size == (512, 512)
     with pytest.raises(gr.Error, match="Upscale by"):
-        gallery._upscale(parent.id, "Lanczos", 99, False, 0.3, None)
+        gallery._upscale(parent.id, "Lanczos", 99, False, 0.3, None, None)
     with pytest.raises(gr.Error, match="no image|not found|No image"):
-        gallery._upscale("not-an-id", "Lanczos", 2.0, False, 0.3, None)
+        gallery._upscale("not-an-id", "Lanczos", 2.0, False, 0.3, None, None)
+    with pytest.raises(gr.Error, match="Select an image in the gallery, or upload one"):
+        gallery._upscale(None, "Lanczos", 2.0, False, 0.3, None, None)
+
+
+def test_gallery_upscale_of_an_upload_and_a_bad_upload(studio, ui, photo, tmp_path):
+    _, _, gallery = ui
+    out = gallery._upscale(None, "Lanczos", 1.5, False, 0.3, photo, None)
+    item = studio.get_image(out[gallery.selected_id])
+    assert item.metadata["parent_image_id"] is None and item.metadata["source_size"] == [256, 256]
+    with Image.open(item.path) as im:
+        assert im.size == (384, 384)
+    bad = tmp_path / "not-an-image.png"
+    bad.write_text("hello")
+    with pytest.raises(gr.Error, match="image"):
+        gallery._upscale(None, "Lanczos", 2.0, False, 0.3, str(bad), None)

@@ -136,10 +136,12 @@ def _check_strength(req: GenerationRequest, steps: int) -> float:
         )
     if steps * strength < 1:
         need_strength = math.ceil(100 / steps) / 100
+        max_steps = LIMITS["steps"].hi
+        need_steps = math.ceil(1 / strength) if strength * max_steps >= 1 else None  # a tiny strength: none do
         raise ValidationError(
             f"img2img runs about steps × strength denoising steps: {steps} × {strength:g} = "
             f"{steps * strength:.2f}, less than one step. Raise the strength to at least "
-            f"{need_strength:g} or the steps to at least {math.ceil(1 / strength)}.",
+            f"{need_strength:g}" + (f" or the steps to at least {need_steps}." if need_steps else "."),
             "strength",
         )
     return strength
@@ -237,16 +239,17 @@ def _check_hires(req: GenerationRequest, steps: int, width: int, height: int, li
     denoise = check_number("hires_denoise", LIMITS["hires_denoise"].default_for(req.mode)
                            if req.hires_denoise is None else req.hires_denoise)
     if req.hires_steps in (None, 0):  # half the first pass's, and enough for one step at this denoise
-        steps2 = max(1, steps // 2, math.ceil(1 / denoise - 1e-9) if denoise > 0 else 1)
+        steps2 = max(1, steps // 2, math.ceil(1 / denoise - 1e-9) if denoise * 1e6 > 1 else 1)
         steps2 = min(steps2, int(LIMITS["hires_steps"].hi))
     else:
         steps2 = check_number("hires_steps", req.hires_steps)
     if int(steps2 * denoise) < 1:
-        need = math.ceil(1 / denoise) if denoise > 0 else None
+        need = math.ceil(1 / denoise) if denoise * LIMITS["hires_steps"].hi >= 1 else None  # else: none do
         raise ValidationError(
             f"The second pass runs hires steps × denoise = {steps2} × {denoise:g} = {steps2 * denoise:.2f} steps, "
             "less than one. " + (f"Use at least {need} hires steps or a higher denoise." if need
-                                 else "Use a denoise above 0 (0.3–0.5 keeps the first pass's picture)."),
+                                 else f"Use a denoise of at least {math.ceil(100 / LIMITS['hires_steps'].hi) / 100:g} "
+                                      "(0.3–0.5 keeps the first pass's picture)."),
             "hires_steps" if denoise > 0 else "hires_denoise")
     upscaler = LANCZOS if req.hires_upscaler in (None, "") else req.hires_upscaler
     if not isinstance(upscaler, str):

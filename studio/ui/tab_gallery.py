@@ -87,8 +87,10 @@ class GalleryTab:
                         self.refine = gr.Checkbox(False, label="Refine (img2img over the upscaled image)",
                                                   elem_id="gallery-refine")
                         self.refine_denoise = slider("refine_denoise", elem_id="gallery-refine-denoise")
-                    self.upscale_btn = gr.Button("Upscale the selected image", size="sm", interactive=False,
-                                                 elem_id="gallery-upscale-btn")
+                    self.upscale_file = gr.File(None, type="filepath", file_types=["image"], height=90,
+                                                label="…or upscale an upload instead of the selected image",
+                                                elem_id="gallery-upscale-file")
+                    self.upscale_btn = gr.Button("Upscale", size="sm", elem_id="gallery-upscale-btn")
                 with gr.Accordion("Full metadata", open=False):
                     self.detail_json = gr.JSON(label="Metadata", elem_id="gallery-detail-json")
         with gr.Accordion("Read PNG info — drop any PNG (ours, A1111, ComfyUI, InvokeAI)", open=False,
@@ -151,7 +153,6 @@ class GalleryTab:
             self.download: gr.update(value=str(item.path), interactive=True),
             self.delete_btn: gr.update(interactive=True),
             self.confirm_row: gr.update(visible=False),
-            self.upscale_btn: gr.update(interactive=True),
         }
 
     def _empty_detail(self):
@@ -162,13 +163,11 @@ class GalleryTab:
             self.reuse_btn: gr.update(interactive=False), self.send_btn: gr.update(interactive=False),
             self.download: gr.update(value=None, interactive=False),
             self.delete_btn: gr.update(interactive=False), self.confirm_row: gr.update(visible=False),
-            self.upscale_btn: gr.update(interactive=False),
         }
 
     def _detail_outputs(self):
         return [self.selected_id, self.selected_fields, self.detail_image, self.detail_info, self.detail_json,
-                self.star_btn, self.reuse_btn, self.send_btn, self.download, self.delete_btn, self.confirm_row,
-                self.upscale_btn]
+                self.star_btn, self.reuse_btn, self.send_btn, self.download, self.delete_btn, self.confirm_row]
 
     def _select(self, ids, evt: gr.SelectData, request: gr.Request):
         index = evt.index if isinstance(evt.index, int) else 0
@@ -189,12 +188,15 @@ class GalleryTab:
         gr.Info("Deleted.")
         return self._empty_detail()
 
-    def _upscale(self, image_id, upscaler, scale, refine, denoise, request: gr.Request):
-        """Upscale the selected image (refined by img2img when asked); the result is a new gallery
-        image that names its parent, and the detail view shows it."""
+    def _upscale(self, image_id, upscaler, scale, refine, denoise, upload, request: gr.Request):
+        """Upscale an upload, else the selected image (refined by img2img when asked); the result
+        is a new gallery image (naming its parent when it had one), and the detail view shows it."""
         studio = self.ctx.studio
         owner = studio.owner_for(request)
-        res = call(studio.upscale, image_id=image_id, upscaler=upscaler, scale=scale,
+        if not upload and not image_id:
+            raise gr.Error("Select an image in the gallery, or upload one, to upscale.", print_exception=False)
+        source = {"image": upload} if upload else {"image_id": image_id}
+        res = call(studio.upscale, **source, upscaler=upscaler, scale=scale,
                    refine_denoise=denoise if refine else None, owner=owner)
         for note in res.notes:
             gr.Warning(note, duration=8)
@@ -241,7 +243,8 @@ class GalleryTab:
         self.upscale_panel.expand(
             lambda: gr.update(choices=call(studio.upscaler_names)), None, self.upscaler, **kw)
         gpu_event(self.upscale_btn.click, self._upscale,
-                  [self.selected_id, self.upscaler, self.upscale_by, self.refine, self.refine_denoise],
+                  [self.selected_id, self.upscaler, self.upscale_by, self.refine, self.refine_denoise,
+                   self.upscale_file],
                   self._detail_outputs(), api_visibility="private", show_progress="full",
                   show_progress_on=[self.detail_image]).then(self._list, [*filters, self.page], lst, **kw)
         self.png_file.change(self._read_png, self.png_file,
