@@ -258,10 +258,53 @@ class Studio:
             raise ValidationError(f"Unknown variant {str(name)[:60]!r}; choose one of: {', '.join(VARIANTS)}.",
                                   "variant")
         if current is not None and current.variant.name == name:
-            validate(req, current.variant, current.max_side, current.native_size, images=False)
+            resolved = validate(req, current.variant, current.max_side, current.native_size, images=False)
         else:
-            validate(req, get_variant(name), images=False,
-                     native_size=(256, 256) if self.config.demo else (1024, 1024))
+            resolved = validate(req, get_variant(name), images=False,
+                                native_size=(256, 256) if self.config.demo else (1024, 1024))
+        if resolved.hires is not None:
+            self._check_hires_memory(req, resolved, name)
+
+    def hardware(self):
+        """The machine the planner plans for (``--device`` honoured)."""
+        from studio.hardware import detect_hardware
+
+        try:
+            return detect_hardware(device=self.config.device)
+        except ValueError as e:
+            raise ModelError(str(e)) from e
+
+    def _check_hires_memory(self, req, resolved, name: str) -> None:
+        """A hires fix on the preset the model runs with (#17): the planner plans the second pass
+        (the larger one) at its size; when its decode fits only in tiles the request says so
+        (``hires_vae_tiling``), and when it does not fit even so it is refused with the largest
+        size that does. The demo's tiny models are not what the planner counts: not checked."""
+        from studio.engine.compile import COMPILE_SUFFIX
+        from studio.memory import get_preset, hires_fit
+
+        if self.config.demo or req.hires_vae_tiling is not None:
+            return
+        current = self.current
+        placement = current.placement if current is not None and current.variant.name == name else \
+            self.placement_for(None, name)
+        try:
+            preset = get_preset(placement.name.removesuffix(COMPILE_SUFFIX))
+        except KeyError:  # not a planner preset (e.g. the default placement): nothing to plan with
+            return
+        h = resolved.hires
+        fit = hires_fit(self.hardware(), name, preset, h.width, h.height, first=(resolved.width, resolved.height))
+        if fit.fits:
+            if fit.tiled:
+                req.hires_vae_tiling = True  # the engine decodes the second pass in tiles
+            return
+        if fit.largest is None:  # the preset does not fit the first pass either: the load's plan says so
+            return
+        hint = (f"the largest that fits is {fit.largest[0]}×{fit.largest[1]} (hires upscale by "
+                f"{fit.largest[0] / resolved.width:.2f})")
+        raise ValidationError(
+            f"The hires fix's second pass at {h.width}×{h.height} does not fit preset {preset.name!r} here, "
+            f"even with the VAE decoding in tiles ({fit.reason}); {hint}. Lower the hires upscale, or pick a "
+            "preset that offloads more (see Models & Memory).", "hires_scale")
 
     @staticmethod
     def check_image(path, field: str = "init_image") -> tuple[int, int]:
@@ -287,7 +330,10 @@ class Studio:
         cfg = VARIANTS[name].transformer_config if name in VARIANTS else {}
         if self.config.demo:
             try:
-                cfg = json.loads((self.config.tiny_dir / name / "transformer" / "config.json").read_text())
+                folder = self.config.demo_dir if self.config.demo_weights == "trained" else self.config.tiny_dir
+                if not (folder / name / "transformer" / "config.json").is_file():
+                    folder = self.config.tiny_dir
+                cfg = json.loads((folder / name / "transformer" / "config.json").read_text())
             except (OSError, ValueError):
                 pass
         pos, patch = cfg.get("pos_embed_max_size"), cfg.get("patch_size") or 2

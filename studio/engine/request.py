@@ -58,6 +58,9 @@ class GenerationRequest:
     hires_denoise: float | None = None  # None: the mode's default (limits)
     hires_upscaler: str | None = None  # "Lanczos" (None), "latent-bislerp", "latent-nearest-exact" or a model's name
     hires_variant: str | None = None  # another variant for the second pass (Large → Medium); None: the same model
+    # decode the second pass in VAE tiles; None: past HIRES_VAE_TILING_PIXELS (the service sets True
+    # when the planner says the loaded preset decodes the hires size only in tiles)
+    hires_vae_tiling: bool | None = None
     # ControlNet (#15): one control unit in these fields, more in ``controls`` (studio.engine.control)
     control_image: object | None = None  # a path (checked before decoding), bytes or PIL image
     control_type: str | None = None  # control_catalog.CONTROL_TYPES; None: the ControlNet's, else canny

@@ -266,8 +266,12 @@ def _check_hires(req: GenerationRequest, steps: int, width: int, height: int, li
     if variant is not None and variant not in VARIANTS:
         raise ValidationError(f"Unknown hires variant {str(variant)[:60]!r}; use one of {', '.join(VARIANTS)} "
                               "(or none: the same model).", "hires_variant")
+    tiling = req.hires_vae_tiling
+    if tiling is not None and not isinstance(tiling, bool):
+        raise ValidationError(f"hires_vae_tiling is {str(tiling)[:40]!r}; use true, false or none (automatic).",
+                              "hires_vae_tiling")
     return HiresPlan(scale, w2, h2, steps2, denoise, upscaler, variant, latent,
-                     vae_tiling=w2 * h2 > HIRES_VAE_TILING_PIXELS)
+                     vae_tiling=w2 * h2 > HIRES_VAE_TILING_PIXELS if tiling is None else tiling)
 
 
 def _control_units(req: GenerationRequest) -> list[dict]:

@@ -22,8 +22,8 @@ _EXPORTS = {
         "group_offload_footprint", "largest_dequant_bytes", "meta_model", "module_bytes",
         "text_encoder_activation_bytes", "transformer_activation_bytes", "vae_decode_bytes", "weight_bytes",
     ),
-    "studio.memory.planner": ("Estimate", "Plan", "budget_bytes", "candidate_presets", "choose", "estimate",
-                              "explain", "fits", "plan_for", "ram_budget_bytes"),
+    "studio.memory.planner": ("Estimate", "HiresFit", "Plan", "budget_bytes", "candidate_presets", "choose",
+                              "estimate", "explain", "fits", "hires_fit", "plan_for", "ram_budget_bytes"),
     "studio.memory.presets": ("PRESETS", "Preset", "apply_fp8_storage", "compose", "enable_vae_tiling", "get_preset",
                               "keep_on_cpu", "parse_preset_name", "presets_by_rank"),
 }

@@ -657,6 +657,50 @@ def plan_for(hardware: Hardware, variant: str, preset: str | Preset, width: int 
     return plan
 
 
+@dataclass
+class HiresFit:
+    """Whether a hires fix's second pass fits the loaded preset (:func:`hires_fit`)."""
+
+    fits: bool  # it fits: as it is, or with the VAE decoding in tiles (``tiled``)
+    tiled: bool = False  # the decode fits only in VAE tiles: the second pass tiles it
+    largest: tuple[int, int] | None = None  # it does not fit: the largest size of the same aspect that does
+    reason: str | None = None  # why the size does not fit as it is (the planner's words)
+
+
+def hires_fit(hardware: Hardware, variant: str, preset: str | Preset, width: int, height: int,
+              first: tuple[int, int] | None = None) -> HiresFit:
+    """The hires fix's memory check: the second pass (img2img at ``width`` × ``height``, its denoise
+    and decode — the larger of the two passes) planned for ``preset`` on ``hardware``.
+
+    Fits as it is: ``fits``. Fits only with the VAE decoding in tiles (``vae.enable_tiling``):
+    ``fits`` and ``tiled``. Fits not even so: ``largest`` is the biggest size of the same aspect
+    (multiples of 16, not below ``first``, the first pass's size) that fits with tiles, or None
+    when not even ``first`` does."""
+    from studio.memory.presets import compose
+
+    p = preset if isinstance(preset, Preset) else get_preset(preset)
+    plan = plan_for(hardware, variant, p, width, height)
+    if plan.fits:
+        return HiresFit(True)
+    tiled = p if p.vae == "tiled" else compose(p.device, p.dtype, p.transformer, p.t5, p.placement, "tiled")
+    if tiled is not p and plan_for(hardware, variant, tiled, width, height).fits:
+        return HiresFit(True, True, reason=plan.reason)
+
+    def size(k: float) -> tuple[int, int]:
+        return max(16, round(width * k / 16) * 16), max(16, round(height * k / 16) * 16)
+
+    lo, hi = (first[0] / width if first else 16 / width), 1.0
+    if not plan_for(hardware, variant, tiled, *size(lo)).fits:
+        return HiresFit(False, reason=plan.reason)
+    for _ in range(12):  # bisect the scale; sizes are multiples of 16, so 12 halvings are plenty
+        mid = (lo + hi) / 2
+        if plan_for(hardware, variant, tiled, *size(mid)).fits:
+            lo = mid
+        else:
+            hi = mid
+    return HiresFit(False, largest=size(lo), reason=plan.reason)
+
+
 # --- the explanation --------------------------------------------------------------------------
 
 
