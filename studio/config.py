@@ -48,7 +48,10 @@ class StudioConfig:
     model: str | None = None  # Hub id, local diffusers folder or .safetensors file
     variant: str | None = None  # catalog variant name; inferred from the model when None
     preset: str | None = None  # memory preset; None = auto
-    demo: bool = False  # use the offline tiny family
+    demo: bool = False  # use the offline demo models
+    # which demo: "trained" (the shapes model shipped in assets/demo, when it is there; the random
+    # family otherwise, and said) or "random" (the tiny random family: the four architectures)
+    demo_weights: str = "random"
     offline: bool = False  # never touch the network (sets HF_HUB_OFFLINE)
     device: str | None = None  # cuda | mps | cpu; None = detect
     single_file_config_dir: Path | None = None  # diffusers folder with configs/tokenizers for .safetensors files
@@ -70,8 +73,13 @@ class StudioConfig:
 
     @property
     def tiny_dir(self) -> Path:
-        """Where the offline demo family is built."""
+        """Where the tiny random family is built."""
         return self.data_dir / "models" / "tiny"
+
+    @property
+    def demo_dir(self) -> Path:
+        """Where the trained demo family (from assets/demo) is written."""
+        return self.data_dir / "models" / "demo"
 
     @property
     def loras_dir(self) -> Path:
