@@ -72,6 +72,8 @@ class Engine:
                 resolved.notes.append(f"LoRA {name!r} has weight 0: it is off.")
             resolved.notes.extend(getattr(infos[-1][0], "notes", ()))  # e.g. kohya modules not applied
         resolved.loras = infos
+        if resolved.slg:
+            self._fit_slg_layers(resolved, loaded)
         if resolved.hires is not None:
             self._prepare_hires(resolved, loaded)
         if resolved.controls:
@@ -93,6 +95,23 @@ class Engine:
         if r.total_steps < 4:
             r.notes.append(f"Speed {speed} caches steps that change little: with {r.total_steps} steps there is "
                            "little to skip.")
+
+    @staticmethod
+    def _fit_slg_layers(r: Resolved, loaded) -> None:
+        """Skip Layer Guidance names blocks of the full-size model (SD3.5 Medium: 7–9 of 24). On a
+        shallower transformer (the demo's) the same relative depth is skipped, and said; never
+        layers that do not exist, which would make SLG a silent no-op."""
+        n = int(getattr(loaded.pipe.transformer.config, "num_layers", 0) or 0)
+        layers = list(r.slg["layers"])
+        if not n or max(layers) < n:
+            return
+        full = int(loaded.variant.transformer_config.get("num_layers") or n)
+        # inside the blocks the step cache spans (not the first, not the last two)
+        fitted = sorted({min(max(1, n - 3), max(1, round(layer * n / full))) for layer in layers})
+        r.slg = {**r.slg, "layers": fitted}
+        r.notes.append(f"Skip Layer Guidance's layers {layers[0]}–{layers[-1]} are {loaded.variant.label}'s of "
+                       f"{full} blocks; this model has {n}, so layer(s) {', '.join(map(str, fitted))} (the same "
+                       "depth) are skipped.")
 
     def _prepare_controls(self, r: Resolved, loaded) -> None:
         """Load each ControlNet (catalog id, Hub id, folder or file; none named: the catalog's for
