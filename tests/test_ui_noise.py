@@ -28,6 +28,7 @@ STUDIO_LINES = [
     r"Assembling the pipeline…",
     r"Ready…",
     r"seed: \d+",
+    r"note: .+",  # the engine's notes on what it changed or decided, e.g. SLG's layers on the demo model
     r".*/images/\d{4}-\d\d-\d\d/[0-9a-f]+\.png",
 ]
 

@@ -39,7 +39,10 @@ def _common(p: argparse.ArgumentParser, sub: bool = False) -> None:
                         + ", ".join(_preset_names()) + " (see `launch.py plan`)")
     p.add_argument("--device", choices=["cuda", "mps", "cpu"], default=d(None), help="override device detection")
     p.add_argument("--demo", action="store_true", default=d(False),
-                   help="use the offline demo models (no download); cannot be combined with --model")
+                   help="use the offline demo models (no download): the shapes model trained offline, shipped "
+                        "in assets/demo; cannot be combined with --model")
+    p.add_argument("--demo-random", action="store_true", default=d(False),
+                   help="with --demo: the tiny random family instead (the four architectures, coloured noise)")
     p.add_argument("--offline", action="store_true", default=d(False),
                    help="never touch the network (HF_HUB_OFFLINE=1)")
     p.add_argument("--compile", action="store_true", default=d(False),
@@ -243,6 +246,7 @@ def config_from_args(args: argparse.Namespace) -> StudioConfig:
     if getattr(args, "port", None):
         kwargs["port"] = args.port
     return StudioConfig(demo=bool(getattr(args, "demo", False)), offline=bool(getattr(args, "offline", False)),
+                        demo_weights="random" if getattr(args, "demo_random", False) else "trained",
                         compile=bool(getattr(args, "compile", False)), **kwargs)
 
 

@@ -174,6 +174,7 @@ def space_config():
     return StudioConfig(
         data_dir=data_dir,
         demo=demo_requested(),
+        demo_weights="trained",
         host=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"),
         port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
     )

@@ -126,11 +126,29 @@ class ModelManager:
         variant = variant or self.config.variant
         if self.config.demo:
             name = variant or "sd3.5-medium"
+            if self.config.demo_weights == "trained":
+                folders = self._demo_family(name)
+                if folders is not None:
+                    return ModelSource("folder", str(folders[name]))
             folders = build_tiny_family(self.config.tiny_dir, variants=[name])
             return ModelSource("folder", str(folders[name]))
         if self.config.model and (variant is None or variant == self.config.variant):
             return parse_source(self.config.model)
         return ModelSource("hub", get_variant(variant or "sd3.5-medium").repo_id)
+
+    def _demo_family(self, name: str):
+        """The trained demo family's folders ({variant: folder}: the trained sd3.5-medium, the other
+        variants its VAE and encoders around random transformers), or None — with a log line
+        saying why — when the shipped weights are missing (the random family is used then)."""
+        from studio.demo import DemoAssetsError, build_demo_family
+
+        try:
+            return build_demo_family(self.config.demo_dir, variants=[name])
+        except DemoAssetsError as e:
+            if not getattr(self, "_demo_missing_said", False):
+                log.warning("%s Using the tiny random family instead.", e)
+                self._demo_missing_said = True
+            return None
 
     def availability(self, variant: str | None = None) -> tuple[bool, str]:
         """Whether weights for a variant are on this machine, and if not, how to get them.
