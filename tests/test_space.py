@@ -158,7 +158,9 @@ def _start_app(tmp_path, tiny_family, extra_env: dict):
            "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1", **extra_env}
     out = tmp_path / "out.txt"
     with open(out, "wb") as fo:
-        proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=fo, stderr=subprocess.STDOUT)
+        # a session of its own: the stand-in's forked GPU worker is stopped with it (see _stop)
+        proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=fo, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     return proc, f"http://127.0.0.1:{port}/", out, data
 
 
@@ -178,11 +180,22 @@ def _wait_up(proc, url, out):
 
 
 def _stop(proc):
-    proc.terminate()
+    """Stop app.py and everything it started (the ZeroGPU stand-in forks a worker that would
+    otherwise outlive it, holding its memory)."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # a worker still there after the server stopped
+    except ProcessLookupError:
+        pass
 
 
 def test_app_py_on_zerogpu_loads_here_infers_in_a_worker_and_saves_here(tmp_path, tiny_family):
