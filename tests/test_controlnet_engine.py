@@ -163,6 +163,9 @@ def test_refusals_name_the_field_and_the_fix(studio, control, tiny_family, tmp_p
     try:
         with pytest.raises(ValidationError, match="catalog only"):
             studio.check_controlnet_sources(build_request(dict(prompt="x", controlnet=str(large_net))))
+        # every generation path (UI, API, CLI, ZeroGPU) goes through check_request, which checks it
+        with pytest.raises(ValidationError, match="catalog only"):
+            studio.generate(build_request(dict(prompt="x", controlnet=str(large_net), **FAST)))
     finally:
         studio.shared = False
 

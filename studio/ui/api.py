@@ -38,7 +38,6 @@ def _result(res):
 
 def _generate(ctx, mode: str, fields: dict, request, progress):
     req = call(build_request, {**fields, "variant": ctx.variant_for_request() if mode != "turbo" else None}, mode)
-    call(ctx.studio.check_controlnet_sources, req)  # shared deployments: catalog ControlNets only
     res = ctx.jobs.run(req, request, progress)
     if res.images and mode != "turbo":
         ctx.remember(res.images[0].metadata.get("variant"))

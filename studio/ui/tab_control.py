@@ -56,7 +56,7 @@ class ControlTab(GenTab):
                         self.blur_radius = slider("blur_radius", elem_id=f"{p}-blur")
                     self.preview_btn = gr.Button("Preview the map", size="sm", elem_id=f"{p}-preview-btn")
                     with gr.Row():
-                        scale = self._recommended("canny").get("scale") or 1.0
+                        scale = _slider_values(self._recommended("canny"))[0]
                         self.control_scale = slider("control_scale", value=scale, elem_id=f"{p}-scale")
                         self.control_start = slider("control_start", elem_id=f"{p}-start")
                         self.control_end = slider("control_end", elem_id=f"{p}-end")
@@ -154,15 +154,12 @@ class ControlTab(GenTab):
         studio = self.ctx.studio
 
         def on_type(control_type):
-            rec = self._recommended(control_type)
             return (gr.update(choices=self._net_choices(control_type), value=DEFAULT_NET),
-                    rec.get("scale") or 1.0, rec.get("start") or 0.0, rec.get("end") or 1.0)
+                    *_slider_values(self._recommended(control_type)))
 
         def on_net(control_type, net):
             rec = self._recommended(control_type, net)
-            if not rec:
-                return gr.update(), gr.update(), gr.update()
-            return rec.get("scale") or 1.0, rec.get("start") or 0.0, rec.get("end") or 1.0
+            return _slider_values(rec) if rec else (gr.update(),) * 3
 
         recs = [self.control_scale, self.control_start, self.control_end]
         self.control_type.input(on_type, self.control_type, [self.controlnet, *recs], **private)
@@ -179,6 +176,11 @@ class ControlTab(GenTab):
                 self.canny_high, self.blur_radius, self.size.aspect, self.size.width, self.size.height]
         # queued: a depth preprocessor may run a model (one at a time), never under the GPU lock
         self.preview_btn.click(preview, args, self.preview, api_visibility="private")
+
+
+def _slider_values(rec: dict) -> tuple[float, float, float]:
+    """A catalog entry's recommended (weight, start, end); an unset one is the whole range at 1."""
+    return rec.get("scale") or 1.0, rec.get("start") or 0.0, rec.get("end") or 1.0
 
 
 def create_ui(ctx) -> ControlTab:
