@@ -8,6 +8,20 @@ import socket
 from contextlib import contextmanager
 from types import SimpleNamespace
 
+API_TIMEOUT_S = 120
+
+
+def api_client(url: str, downloads=False, **kw):
+    """A gradio_client for the API tests, with a patient HTTP timeout. httpx's default (5 s)
+    covers every POST the client makes, /queue/join included; on two cores that are also
+    generating, an answer can take longer than that, which is slowness, not a failure.
+    ``downloads``: a folder for returned files, or False for the server's FileData."""
+    import gradio_client
+
+    return gradio_client.Client(url, verbose=False, analytics_enabled=False,
+                                download_files=str(downloads) if downloads else False,
+                                httpx_kwargs={"timeout": API_TIMEOUT_S}, **kw)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -22,8 +36,8 @@ def running_studio(data_dir, tiny_family=None, shared: bool = False):
     ``tiny_family`` (the session fixture from conftest.py) is linked in so the demo models are
     not rebuilt per module.
     """
-    from studio.config import StudioConfig
     from studio.app.server import launch_kwargs
+    from studio.config import StudioConfig
     from studio.service import Studio
     from studio.ui.app import build_app, launch_options
 

@@ -13,7 +13,7 @@ from PIL import Image
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from tests.conftest_ui import running_studio  # noqa: E402
+from tests.conftest_ui import api_client, running_studio  # noqa: E402
 
 FAST = dict(steps=2, width=256, height=256)
 
@@ -21,8 +21,7 @@ FAST = dict(steps=2, width=256, height=256)
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, tiny_family):
     with running_studio(tmp_path_factory.mktemp("api") / "data", tiny_family) as (url, studio):
-        client = gradio_client.Client(url, verbose=False, analytics_enabled=False,
-                                      download_files=str(tmp_path_factory.mktemp("downloads")))
+        client = api_client(url, tmp_path_factory.mktemp("downloads"))
         yield client, studio
 
 

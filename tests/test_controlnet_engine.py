@@ -265,11 +265,10 @@ def test_api_controlnet_preview_and_list(tmp_path_factory, tiny_family, control)
     gradio_client = pytest.importorskip("gradio_client")
     from gradio_client import handle_file
 
-    from tests.conftest_ui import running_studio
+    from tests.conftest_ui import api_client, running_studio
 
     with running_studio(tmp_path_factory.mktemp("api15") / "data", tiny_family) as (url, _studio):
-        client = gradio_client.Client(url, verbose=False, analytics_enabled=False,
-                                      download_files=str(tmp_path_factory.mktemp("dl15")))
+        client = api_client(url, tmp_path_factory.mktemp("dl15"))
         images, seed, info = client.predict(prompt="a red fox", control_image=handle_file(control),
                                             control_type="blur", control_scale=0.6, control_end=0.7,
                                             **FAST, api_name="/controlnet")

@@ -1,6 +1,5 @@
 """The one engine: validation that teaches, txt2img / img2img / turbo, determinism, cancel."""
 
-import math
 from pathlib import Path
 
 import numpy as np

@@ -11,7 +11,6 @@ import tracemalloc
 import zlib
 from types import SimpleNamespace
 
-import gradio_client
 import pytest
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -22,7 +21,7 @@ from studio.engine import GenerationRequest, ValidationError, open_image, valida
 from studio.errors import GalleryError, ModelError
 from studio.metadata import request_fields
 from studio.service import Studio
-from tests.conftest_ui import running_studio
+from tests.conftest_ui import api_client, running_studio
 from tests.reliability.kit import crafted_png
 
 FAST = dict(steps=1, width=256, height=256, seed=1)
@@ -189,8 +188,7 @@ def test_the_cli_and_server_run_the_check_at_start(demo_config, monkeypatch):
 @pytest.fixture(scope="module")
 def shared_app(tmp_path_factory, tiny_family):
     with running_studio(tmp_path_factory.mktemp("hard"), tiny_family, shared=True) as (url, studio):
-        yield SimpleNamespace(url=url, studio=studio, client=gradio_client.Client(
-            url, verbose=False, download_files=str(tmp_path_factory.mktemp("dl"))))
+        yield SimpleNamespace(url=url, studio=studio, client=api_client(url, tmp_path_factory.mktemp("dl")))
 
 
 @pytest.mark.parametrize("kw, field_words", [

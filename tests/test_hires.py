@@ -194,11 +194,10 @@ def test_api_upscale_list_upscalers_and_hires_on_txt2img(tmp_path_factory, tiny_
     gradio_client = pytest.importorskip("gradio_client")
     from gradio_client import handle_file
 
-    from tests.conftest_ui import running_studio
+    from tests.conftest_ui import api_client, running_studio
 
     with running_studio(tmp_path_factory.mktemp("api17") / "data", tiny_family) as (url, _studio):
-        client = gradio_client.Client(url, verbose=False, analytics_enabled=False,
-                                      download_files=str(tmp_path_factory.mktemp("dl17")))
+        client = api_client(url, tmp_path_factory.mktemp("dl17"))
         images, seed, info = client.predict(prompt="a red fox", hires_scale=1.5, hires_steps=3,
                                             hires_upscaler="latent-nearest-exact", **FAST, api_name="/txt2img")
         with Image.open(images[0]) as im:

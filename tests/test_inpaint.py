@@ -187,7 +187,7 @@ def test_api_inpaint_and_gallery_mask(tmp_path_factory, tiny_family, tmp_path):
     from gradio_client.exceptions import AppError
 
     from studio.metadata import read_png_info
-    from tests.conftest_ui import running_studio
+    from tests.conftest_ui import api_client, running_studio
 
     src, mask = tmp_path / "src.png", tmp_path / "mask.png"
     source().save(src)
@@ -195,8 +195,7 @@ def test_api_inpaint_and_gallery_mask(tmp_path_factory, tiny_family, tmp_path):
     empty = tmp_path / "empty.png"
     Image.new("L", (256, 256), 0).save(empty)
     with running_studio(tmp_path_factory.mktemp("inpaint-api") / "data", tiny_family) as (url, studio):
-        client = gradio_client.Client(url, verbose=False, analytics_enabled=False,
-                                      download_files=str(tmp_path / "dl"))
+        client = api_client(url, tmp_path / "dl")
         h = gradio_client.handle_file
         assert "/inpaint" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
         images, seed, info = client.predict(image=h(str(src)), mask=h(str(mask)), prompt="a red fox", strength=1.0,

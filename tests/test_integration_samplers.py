@@ -203,11 +203,10 @@ def test_api_sampler_schedule_styles_and_token_count(tmp_path_factory, tiny_fami
     gradio_client = pytest.importorskip("gradio_client")
     from gradio_client.exceptions import AppError
 
-    from tests.conftest_ui import running_studio
+    from tests.conftest_ui import api_client, running_studio
 
     with running_studio(tmp_path_factory.mktemp("api16") / "data", tiny_family) as (url, _studio):
-        client = gradio_client.Client(url, verbose=False, analytics_enabled=False,
-                                      download_files=str(tmp_path_factory.mktemp("dl16")))
+        client = api_client(url, tmp_path_factory.mktemp("dl16"))
         styles = client.predict(api_name="/styles")
         assert any(s["name"] == "Photo" for s in styles)
         images, seed, info = client.predict(prompt="a red fox", sampler="Euler a", schedule="Simple",

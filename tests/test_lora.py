@@ -262,7 +262,7 @@ def test_tag_and_selection_parsing():
 @pytest.fixture(scope="module")
 def api(tmp_path_factory, tiny_family, lora_files):
     gradio_client = pytest.importorskip("gradio_client")
-    from tests.conftest_ui import running_studio
+    from tests.conftest_ui import api_client, running_studio
 
     data = tmp_path_factory.mktemp("lora-api") / "data"
     (data / "loras").mkdir(parents=True)
@@ -270,8 +270,7 @@ def api(tmp_path_factory, tiny_family, lora_files):
 
     shutil.copy(lora_files["style-a"], data / "loras")
     with running_studio(data, tiny_family) as (url, studio):
-        client = gradio_client.Client(url, verbose=False, analytics_enabled=False,
-                                      download_files=str(tmp_path_factory.mktemp("dl")))
+        client = api_client(url, tmp_path_factory.mktemp("dl"))
         yield client, studio, gradio_client
 
 

@@ -29,7 +29,7 @@ import pytest
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from tests.conftest_ui import free_port, running_studio  # noqa: E402
+from tests.conftest_ui import api_client, free_port, running_studio  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(steps=2, width=256, height=256)
@@ -69,7 +69,7 @@ def space_studio(data_dir: Path, tiny_family, extra_env: dict | None = None):
 def _client(url, tmp_path_factory=None, **kw):
     """Without tmp_path_factory: files come back as the server's FileData (path and url)."""
     download = str(tmp_path_factory.mktemp("dl")) if tmp_path_factory else False
-    return gradio_client.Client(url, verbose=False, analytics_enabled=False, download_files=download, **kw)
+    return api_client(url, download, **kw)
 
 
 @pytest.fixture(scope="module", params=["shared", "space"])
@@ -363,8 +363,7 @@ def test_planted_token_share_fallback_and_auth_file(tmp_path, tiny_family):
         _wait_for(url + "config", proc)
         assert httpx.get(url + "config", timeout=10).status_code == 401  # login first
         assert _raw_get(url, "/gradio_api/file=/etc/passwd") != 200
-        client = gradio_client.Client(url, auth=("alice", "wonderland"), verbose=False, analytics_enabled=False,
-                                      download_files=str(tmp_path / "dl"))
+        client = api_client(url, tmp_path / "dl", auth=("alice", "wonderland"))
         images, seed, info = client.predict(prompt="planted token check", seed=3, **FAST, api_name="/txt2img")
         responses += [images, seed, info]
         listing = client.predict(api_name="/gallery_list")
@@ -380,8 +379,7 @@ def test_planted_token_share_fallback_and_auth_file(tmp_path, tiny_family):
                 assert r.status_code == 200
                 responses.append(r.text)
         # a second login sees its own (empty) gallery: per-login galleries on a shared run
-        bob = gradio_client.Client(url, auth=("bob", "builder"), verbose=False, analytics_enabled=False,
-                                   download_files=str(tmp_path / "dl2"))
+        bob = api_client(url, tmp_path / "dl2", auth=("bob", "builder"))
         assert bob.predict(api_name="/gallery_list")["total"] == 0
     finally:
         proc.terminate()

@@ -18,7 +18,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from studio.catalog import get_variant
 from studio.config import StudioConfig
 from studio.models import ModelError, ModelManager, Placement, default_placement
 from studio.models.singlefile import (

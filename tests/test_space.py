@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest_ui import free_port
+from tests.conftest_ui import api_client, free_port
 from tests.test_security import FAST, _link_tiny, space_studio
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,7 +202,6 @@ def test_app_py_on_zerogpu_loads_here_infers_in_a_worker_and_saves_here(tmp_path
     """`python app.py` on ZeroGPU (the stand-in, SPACES_ZERO_GPU=1): two generations, a variant
     switch, a third; the gallery holds all three; the second costs no load; progress reaches the
     client."""
-    import gradio_client
 
     log = tmp_path / "standin.log"
     proc, url, out, data = _start_app(tmp_path, tiny_family, {"SPACES_ZERO_GPU": "1",
@@ -210,7 +209,7 @@ def test_app_py_on_zerogpu_loads_here_infers_in_a_worker_and_saves_here(tmp_path
     progress: list[str] = []
     try:
         _wait_up(proc, url, out)
-        client = gradio_client.Client(url, verbose=False, analytics_enabled=False, download_files=False)
+        client = api_client(url)
         loads_at_start = out.read_text().count("model load:")
         first, _, _ = client.predict(prompt="a space fox", seed=2, **FAST, api_name="/txt2img")
         second, _, _ = client.predict(prompt="a space owl", seed=3, **FAST, api_name="/txt2img")
@@ -221,7 +220,7 @@ def test_app_py_on_zerogpu_loads_here_infers_in_a_worker_and_saves_here(tmp_path
         listing = client.predict(api_name="/gallery_list")
         assert listing["total"] == 3
         assert sorted(i["prompt"] for i in listing["items"]) == ["a space fox", "a space owl", "a space whale"]
-        other = gradio_client.Client(url, verbose=False, analytics_enabled=False, download_files=False)
+        other = api_client(url)
         assert other.predict(api_name="/gallery_list")["total"] == 0  # per-session galleries still
         job = client.submit(prompt="a slow space heron", seed=5, steps=30, width=256, height=256,
                             api_name="/txt2img")
@@ -258,13 +257,12 @@ def test_app_py_on_zerogpu_loads_here_infers_in_a_worker_and_saves_here(tmp_path
 def test_app_py_on_a_dedicated_gpu_space_keeps_one_process(tmp_path, tiny_family):
     """`spaces` installed but no ZeroGPU (an L4, A10G, L40S or A100 Space): spaces.GPU is
     effect-free, generations run in the server process."""
-    import gradio_client
 
     log = tmp_path / "standin.log"
     proc, url, out, _ = _start_app(tmp_path, tiny_family, {"ZEROGPU_STANDIN_LOG": str(log)})
     try:
         _wait_up(proc, url, out)
-        client = gradio_client.Client(url, verbose=False, analytics_enabled=False, download_files=False)
+        client = api_client(url)
         images, _, _ = client.predict(prompt="a dedicated fox", seed=2, **FAST, api_name="/txt2img")
         assert len(images) == 1
     finally:

@@ -184,11 +184,10 @@ def test_api_speed_parameter_on_every_generation_endpoint(tmp_path_factory, tiny
     gradio_client = pytest.importorskip("gradio_client")
     from gradio_client.exceptions import AppError
 
-    from tests.conftest_ui import running_studio
+    from tests.conftest_ui import api_client, running_studio
 
     with running_studio(tmp_path_factory.mktemp("api19") / "data", tiny_family) as (url, _studio):
-        client = gradio_client.Client(url, verbose=False, analytics_enabled=False,
-                                      download_files=str(tmp_path_factory.mktemp("dl19")))
+        client = api_client(url, tmp_path_factory.mktemp("dl19"))
         api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
         for name in ("/txt2img", "/img2img", "/inpaint", "/turbo", "/controlnet"):
             params = api[name]["parameters"]

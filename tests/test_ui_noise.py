@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest_ui import CHROMIUM, free_port
+from tests.conftest_ui import CHROMIUM, api_client, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,9 +89,8 @@ def test_the_server_prints_only_the_studios_lines(tmp_path, tiny_family, request
             page.goto(url)
             page.locator("#txt2img-generate").wait_for()
             page.locator("#inpaint-editor").count()
-        from gradio_client import Client
 
-        client = Client(url, verbose=False)
+        client = api_client(url)
         files, seed, info = client.predict(prompt="a fox", steps=1, api_name="/txt2img")
         assert files and "1 image(s)" in info
         time.sleep(0.5)

@@ -23,17 +23,17 @@ FAST = dict(width=256, height=256, steps=1)  # the tiny family's native size, on
 
 
 def new_client(url: str, downloads):
-    import gradio_client
+    from tests.conftest_ui import api_client
 
-    return gradio_client.Client(url, verbose=False, analytics_enabled=False, download_files=str(downloads))
+    return api_client(url, downloads)
 
 
 @contextmanager
 def launched_with_queue(data_dir, tiny_family, max_size: int):
     """The app as ``running_studio`` launches it, but with a small queue (``max_size``) so a
     burst of requests overflows it. Yields (url, studio, demo)."""
-    from studio.config import StudioConfig
     from studio.app.server import launch_kwargs
+    from studio.config import StudioConfig
     from studio.service import Studio
     from studio.ui.app import build_app, launch_options
     from tests.conftest_ui import free_port
