@@ -287,6 +287,20 @@ def controlnets_for(variant: str, control_type: str | None = None) -> list[Contr
             if variant in e.bases and (control_type is None or e.control_type == control_type)]
 
 
+def controlnets_problem(variant: str, names) -> str | None:
+    """Why these catalog ControlNet ids cannot be planned beside ``variant`` (None when they can):
+    an id the catalog does not have, or a ControlNet made for another base."""
+    for name in names:
+        entry = CONTROLNETS.get(name)
+        if entry is None:
+            return f"{str(name)[:60]!r} is not in the ControlNet catalog: one of {', '.join(CONTROLNETS)}."
+        if variant not in entry.bases:
+            fitting = ", ".join(e.id for e in controlnets_for(variant)) or "none in the catalog"
+            return (f"{entry.label} is made for {', '.join(_label(b) for b in entry.bases)}, not {_label(variant)}; "
+                    f"for {_label(variant)}: {fitting}.")
+    return None
+
+
 def default_controlnet(variant: str, control_type: str) -> ControlNetEntry | None:
     """The catalog ControlNet the studio picks for a variant and a control type (or None)."""
     found = controlnets_for(variant, control_type)

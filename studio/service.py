@@ -151,15 +151,11 @@ class Studio:
         the reason for a preset that does not combine with compiling. ``source``: a GGUF file's
         real bytes and fixed storage go into the planner's choice (:meth:`file_bytes`).
         """
-        from studio.hardware import detect_hardware
         from studio.memory import PRESETS, choose, get_preset
         from studio.models import default_placement, placement_from_preset
 
         preset = (preset or self._preset or "auto").strip()
-        try:
-            hardware = hardware or detect_hardware(device=self.config.device)
-        except ValueError as e:
-            raise ModelError(str(e)) from e
+        hardware = hardware or self.hardware()
         if preset == "auto":
             if self.config.demo:  # the tiny demo runs anywhere at the device's default precision
                 placement = default_placement(hardware.device)
@@ -262,8 +258,11 @@ class Studio:
         else:
             resolved = validate(req, get_variant(name), images=False,
                                 native_size=(256, 256) if self.config.demo else (1024, 1024))
+        nets = self._planned_controlnets(resolved, name)
+        if nets:
+            self._check_controlnet_memory(resolved, name, nets)
         if resolved.hires is not None:
-            self._check_hires_memory(req, resolved, name)
+            self._check_hires_memory(req, resolved, name, nets)
 
     def hardware(self):
         """The machine the planner plans for (``--device`` honoured)."""
@@ -274,25 +273,74 @@ class Studio:
         except ValueError as e:
             raise ModelError(str(e)) from e
 
-    def _check_hires_memory(self, req, resolved, name: str) -> None:
-        """A hires fix on the preset the model runs with (#17): the planner plans the second pass
-        (the larger one) at its size; when its decode fits only in tiles the request says so
-        (``hires_vae_tiling``), and when it does not fit even so it is refused with the largest
-        size that does. The demo's tiny models are not what the planner counts: not checked."""
+    def _run_preset(self, name: str):
+        """The memory preset variant ``name`` runs with: the loaded one's, else the one its load
+        will get (:meth:`placement_for`); None for a placement no preset made (nothing to plan)."""
         from studio.engine.compile import COMPILE_SUFFIX
-        from studio.memory import get_preset, hires_fit
+        from studio.memory import get_preset
 
-        if self.config.demo or req.hires_vae_tiling is not None:
-            return
         current = self.current
         placement = current.placement if current is not None and current.variant.name == name else \
             self.placement_for(None, name)
         try:
-            preset = get_preset(placement.name.removesuffix(COMPILE_SUFFIX))
-        except KeyError:  # not a planner preset (e.g. the default placement): nothing to plan with
+            return get_preset(placement.name.removesuffix(COMPILE_SUFFIX))
+        except KeyError:  # not a planner preset (e.g. the default placement)
+            return None
+
+    def _planned_controlnets(self, resolved, name: str) -> list[str]:
+        """The catalog ids of a request's ControlNets, as the planner counts them (a named catalog
+        id, or the catalog's default for the control type). A folder, file or Hub id is not in
+        the catalog: its bytes are unknown before it loads, so it is not planned. The demo's tiny
+        ControlNets are not what the planner counts: none."""
+        from studio.control_catalog import default_controlnet
+
+        if self.config.demo:
+            return []
+        out = []
+        for u in resolved.controls or ():
+            entry = u.entry or (default_controlnet(name, u.control_type) if u.source is None else None)
+            if entry is not None:
+                out.append(entry.id)
+        return out
+
+    def _check_controlnet_memory(self, resolved, name: str, nets: list[str]) -> None:
+        """ControlNets beside the preset the model runs with (#15): the planner plans the preset
+        with them, at the request's size; a request they do not fit is refused before anything
+        loads, naming the preset the planner picks for the model with them."""
+        from studio.memory import choose, plan_for
+
+        preset = self._run_preset(name)
+        if preset is None:
+            return
+        hardware = self.hardware()
+        plan = plan_for(hardware, name, preset, resolved.width, resolved.height, controlnets=nets)
+        if plan.fits:
+            return
+        better = choose(hardware, name, resolved.width, resolved.height, controlnets=nets)
+        fix = (f"load the model with preset {better.preset!r}, which fits it with "
+               f"{'them' if len(nets) > 1 else 'it'} (Models & Memory, or --preset {better.preset})" if better.fits
+               else "no preset fits the model with them on this machine: use a smaller size or fewer ControlNets")
+        raise ValidationError(
+            f"ControlNet {', '.join(nets)} does not fit beside {get_variant(name).label} with preset {preset.name!r} "
+            f"at {resolved.width}×{resolved.height} ({plan.reason}); {fix}. "
+            f"`launch.py plan --variant {name} --controlnet {nets[0]}` explains it.", "controlnet")
+
+    def _check_hires_memory(self, req, resolved, name: str, nets: list[str] | None = None) -> None:
+        """A hires fix on the preset the model runs with (#17): the planner plans the second pass
+        (the larger one) at its size, with the request's ControlNets; when its decode fits only
+        in tiles the request says so (``hires_vae_tiling``), and when it does not fit even so it
+        is refused with the largest size that does. The demo's tiny models are not what the
+        planner counts: not checked."""
+        from studio.memory import hires_fit
+
+        if self.config.demo or req.hires_vae_tiling is not None:
+            return
+        preset = self._run_preset(name)
+        if preset is None:
             return
         h = resolved.hires
-        fit = hires_fit(self.hardware(), name, preset, h.width, h.height, first=(resolved.width, resolved.height))
+        fit = hires_fit(self.hardware(), name, preset, h.width, h.height, first=(resolved.width, resolved.height),
+                        controlnets=nets or ())
         if fit.fits:
             if fit.tiled:
                 req.hires_vae_tiling = True  # the engine decodes the second pass in tiles

@@ -532,3 +532,73 @@ def test_control_images_get_the_header_first_checks(tmp_path):
     assert e.value.field == "control_image" and "control image" in str(e.value)
     rgba = _photo().convert("RGBA")
     assert load_control_image(rgba).mode == "RGB"
+
+
+# --- stored and placed with the transformer (the preset decides, Preset.apply_controlnet) ----------
+
+
+@pytest.mark.parametrize("preset", ["model-offload", "group-offload"])
+def test_a_controlnet_placed_as_the_preset_says_gives_the_same_image(preset, bases, tiny_nets, library):
+    """On the CPU (the onload device is the CPU here; on a GPU the same hooks move it there):
+    model offload hooks the net (handed back after the image), group offload streams it block
+    by block — and neither changes the image."""
+    import torch
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    from studio.memory import get_preset
+    from studio.models.controlnet import pipeline_for, release_controlnets
+
+    p = get_preset(preset)
+    base = bases["sd3-medium"]
+    plain = library.get(str(tiny_nets["sd3-medium"]), dtype=torch.float32)
+    reference = _run(pipeline_for(base, [plain], torch.float32), control_image=_control("sd3-medium"),
+                     controlnet_conditioning_scale=1.0)
+    net = library.get(str(tiny_nets["sd3-medium"]), dtype=torch.float32, setup=p.controlnet_key)
+    assert net is not plain  # a net hooked for one preset is another cache entry
+    pipe = pipeline_for(base, [net], torch.float32, preset=p)
+    model = net.model
+    assert model._studio_controlnet_key == p.controlnet_key
+    if preset == "model-offload":
+        assert model._studio_offload_hook is not None and hasattr(model, "_hf_hook")
+    else:
+        assert _is_group_offload_enabled(model)
+    image = _run(pipe, control_image=_control("sd3-medium"), controlnet_conditioning_scale=1.0)
+    release_controlnets([net])
+    np.testing.assert_array_equal(image, reference)
+    again = pipeline_for(base, [net], torch.float32, preset=p)  # set up once: a rebuild adds no hooks
+    np.testing.assert_array_equal(_run(again, control_image=_control("sd3-medium"),
+                                       controlnet_conditioning_scale=1.0), image)
+
+
+def test_a_quantized_transformers_preset_stores_the_controlnet_in_fp8(tiny_family, tiny_nets, library):
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    from studio.memory import get_preset
+    from studio.models.controlnet import pipeline_for
+
+    base = StableDiffusion3Pipeline.from_pretrained(tiny_family["sd3-medium"], torch_dtype=torch.bfloat16)
+    base.set_progress_bar_config(disable=True)
+    for name in ("nf4-t5-8bit", "fp8-model-offload"):
+        p = get_preset(name)
+        assert p.controlnet_storage().kind == "fp8"
+        net = library.get(str(tiny_nets["sd3-medium"]), dtype=torch.bfloat16, setup=p.controlnet_key)
+        pipe = pipeline_for(base, [net], torch.bfloat16, preset=p)
+        assert net.model.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+        image = _run(pipe, control_image=_control("sd3-medium").to(torch.bfloat16), controlnet_conditioning_scale=1.0)
+        assert image.shape == (SIZE, SIZE, 3) and np.isfinite(image).all()
+
+
+def test_model_offload_hands_the_controlnet_back_after_the_image(bases, tiny_nets, library):
+    import torch
+
+    from studio.memory import get_preset
+    from studio.models.controlnet import pipeline_for, release_controlnets
+
+    p = get_preset("model-offload")
+    net = library.get(str(tiny_nets["sd3-medium"]), dtype=torch.float32, setup=p.controlnet_key)
+    pipeline_for(bases["sd3-medium"], [net], torch.float32, preset=p)
+    calls = []
+    net.model._studio_offload_hook.offload = lambda: calls.append("offload")
+    release_controlnets([net, net.model])
+    assert calls == ["offload", "offload"]

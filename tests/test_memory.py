@@ -475,9 +475,11 @@ def test_the_counts_table_is_the_live_count():
     from studio.memory.counts import COUNTS
 
     configs = membytes._catalog_configs()
-    assert set(COUNTS) == set(configs), "regenerate: python -m studio.memory.bytes"
-    for key, (component, variant) in configs.items():
-        model = memory.meta_model(component, variant)
+    nets = membytes._catalog_controlnets()
+    assert set(COUNTS) == set(configs) | set(nets), "regenerate: python -m studio.memory.bytes"
+    models = [(key, memory.meta_model(component, variant)) for key, (component, variant) in configs.items()]
+    models += [(key, membytes.controlnet_meta_model(name)) for key, name in nets.items()]
+    for key, model in models:
         entry = COUNTS[key]
         assert entry["params"] == memory.count_params(model), key
         for storage in membytes.COUNT_STORAGES:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from studio.catalog import DEFAULT_VARIANT, VARIANTS
+from studio.control_catalog import CONTROLNETS
 from studio.config import ConfigError, StudioConfig, __version__
 from studio.engine.limits import LIMITS, MODES
 
@@ -82,6 +83,9 @@ def add_plan_arguments(parser) -> None:
                         help="explain this preset instead of choosing one (" + ", ".join(_preset_names()) + ")")
     parser.add_argument("--width", type=int, default=None, help="image width (default: 1024)")
     parser.add_argument("--height", type=int, default=None, help="image height (default: 1024)")
+    parser.add_argument("--controlnet", action="append", default=[], metavar="ID",
+                        help="plan with this catalog ControlNet beside the model (repeat for several): "
+                             + ", ".join(CONTROLNETS))
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 

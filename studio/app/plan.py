@@ -12,6 +12,7 @@ import json
 import sys
 
 from studio import catalog
+from studio.control_catalog import controlnets_problem
 from studio.engine.limits import snap
 from studio.hardware import detect_hardware
 from studio.memory import choose, estimate, fits, plan_for, presets_by_rank
@@ -26,7 +27,8 @@ def format_plan(plan: Plan) -> str:
     out.append("")
     status = "fits" if plan.fits else "DOES NOT FIT"
     what = "Preset" if plan.explained else "Plan"
-    out.append(f"{what} for {v.label} ({plan.variant}) at {plan.estimate.width}×{plan.estimate.height}: "
+    nets = f" with ControlNet {', '.join(plan.controlnets)}" if plan.controlnets else ""
+    out.append(f"{what} for {v.label} ({plan.variant}){nets} at {plan.estimate.width}×{plan.estimate.height}: "
                f"{plan.preset} — {status}")
     out.append(plan.explanation)
     out.append("")
@@ -41,7 +43,7 @@ def format_plan(plan: Plan) -> str:
         reason = p.check(plan.hardware)
         hw = None if reason else plan.hardware
         est = estimate(plan.variant, p, plan.estimate.width, plan.estimate.height, hw,
-                       component_bytes=plan.component_bytes or None)
+                       component_bytes=plan.component_bytes or None, controlnets=plan.controlnets)
         if reason:
             status = "n/a: " + reason
         else:
@@ -76,15 +78,20 @@ def run_plan_command(args) -> int:
         print(f"note: {width}×{height} snapped to {snapped[0]}×{snapped[1]} (multiples of {catalog.SIZE_MULTIPLE}).",
               file=sys.stderr)
         width, height = snapped
+    nets = list(getattr(args, "controlnet", None) or [])
+    problem = controlnets_problem(variant.name, nets)
+    if problem:
+        print(f"error: --controlnet: {problem}", file=sys.stderr)
+        return 2
     preset = (getattr(args, "preset", None) or "").strip()
     if preset and preset != "auto":
         try:
-            plan = plan_for(hw, variant.name, preset, width, height)
+            plan = plan_for(hw, variant.name, preset, width, height, controlnets=nets)
         except KeyError as e:
             print(f"error: --preset: {e.args[0] if e.args else e}", file=sys.stderr)
             return 2
     else:
-        plan = choose(hw, variant.name, width, height)
+        plan = choose(hw, variant.name, width, height, controlnets=nets)
     if getattr(args, "json", False):
         print(json.dumps(plan.to_dict(), indent=2))
     else:

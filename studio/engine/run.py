@@ -410,6 +410,8 @@ class Engine:
         finally:
             pipe.scheduler = scheduler
             pipe._interrupt = False
+            if r.controls:
+                self.models.controlnets_done([u.net for u in r.controls])
         passes = StepCacheStats()
         for stats in cache_stats.values():
             _add_stats(passes, stats)

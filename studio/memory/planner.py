@@ -39,6 +39,8 @@ from studio.memory.bytes import (
     Storage,
     component_numbers,
     component_params,
+    controlnet_numbers,
+    controlnet_residual_bytes,
     text_encoder_activation_bytes,
     transformer_activation_bytes,
     vae_decode_bytes,
@@ -188,6 +190,77 @@ def _balanced_assignment(sizes: dict[str, int], gpu_budgets: list[int]) -> dict[
     return out
 
 
+@dataclass
+class _Nets:
+    """The ControlNets of an estimate: their rows and what they add per placement."""
+    rows: list[ComponentRow] = field(default_factory=list)
+    weights: int = 0  # every ControlNet's stored bytes
+    on_device: int = 0  # what stays on the device under group offload (position-embedding copies)
+    group: int = 0  # the largest net's group-offload footprint
+    buffers: int = 0  # sequential offload: buffers left on the device
+    leaf: int = 0  # sequential offload: the largest leaf layer
+    activations: int = 0  # the largest net's forward (with its dequantized layer)
+    residuals: int = 0  # every net's block outputs, alive through the transformer's forward
+    load_transient: int = 0  # RAM while the largest net loads in the dtype (before any fp8 cast)
+    notes: list[str] = field(default_factory=list)
+    feasible: bool = True
+
+
+def _controlnet_parts(p: Preset, variant: str, names, width: int, height: int, batch: int, el: int,
+                      t5_seq: int, on_mps: bool) -> _Nets:
+    """Counts for the ControlNets ``names`` (catalog ids) beside ``variant`` under preset ``p``:
+    each from its real config on the meta device, stored as ``p.controlnet_storage()``."""
+    from studio.control_catalog import controlnet_config, get_controlnet
+
+    out = _Nets()
+    if not names:
+        return out
+    storage = p.controlnet_storage()
+    place = p.controlnet_placement
+    plain = Storage("plain", p.dtype)
+    transformer = catalog.get_variant(variant).transformer_config
+    for name in names:
+        entry = get_controlnet(name)
+        config = controlnet_config(name)
+        n = controlnet_numbers(name, storage)
+        text = CLIP_TOKENS + t5_seq if n["text"] else 0
+        device = {"resident": p.device, "model": f"cpu ⇄ {p.device} (model offload)",
+                  "group": f"cpu ⇄ {p.device} (per block)", "sequential": f"cpu ⇄ {p.device} (per layer)",
+                  "balanced": "—"}[place]
+        out.rows.append(ComponentRow("controlnet", "ControlNet", device, storage.label,
+                                     f"{storage.quantization}; {entry.label}", n["bytes"], n["params"]))
+        out.weights += n["bytes"]
+        out.group = max(out.group, n["group"])
+        out.buffers += n["buffers"]
+        out.leaf = max(out.leaf, n["leaf"])
+        out.activations = max(out.activations, n["dequant"] + transformer_activation_bytes(
+            config, width, height, batch, el, text_tokens=text, attention_matrix=on_mps))
+        out.residuals += controlnet_residual_bytes(name, width, height, batch, el)
+        out.load_transient = max(out.load_transient, controlnet_numbers(name, plain)["bytes"])
+        if not config.get("use_pos_embed", True):
+            # the pipeline gives the net a copy of the transformer's position embedding (shared
+            # with it only when no hook moves the transformer)
+            hidden = transformer["num_attention_heads"] * transformer["attention_head_dim"]
+            patch = transformer["patch_size"] ** 2 * transformer["in_channels"]
+            copy = (transformer["pos_embed_max_size"] ** 2 + patch + 1) * hidden * el
+            if place in ("model", "group"):
+                out.weights += copy
+                out.on_device += copy if place == "group" else 0
+            if place == "sequential":
+                out.feasible = False
+                out.notes.append(f"{entry.label} reuses the transformer's position embedding, which "
+                                 "sequential offload keeps off the device: pick model or group offload.")
+    if place == "balanced":
+        out.feasible = False
+        out.notes.append("A ControlNet cannot join a pipeline spread over several GPUs (device_map).")
+    labels = ", ".join(get_controlnet(n).label for n in names)
+    out.notes.append(f"ControlNet{'s' if len(names) > 1 else ''} {labels}: {gb(out.weights)} stored as "
+                     f"{storage.label} ({'with' if storage.kind == p.transformer else 'beside'} the "
+                     f"{CHOICE_LABELS['transformer'][p.transformer]} transformer), "
+                     f"{gb(out.residuals)} of residuals alive in every denoise step.")
+    return out
+
+
 def estimate(
     variant: str,
     preset: str | Preset,
@@ -195,13 +268,15 @@ def estimate(
     height: int = 1024,
     hardware: Hardware | None = None,
     component_bytes: dict[str, int] | None = None,
+    controlnets: tuple[str, ...] | list[str] = (),
 ) -> Estimate:
     """Memory needed by ``variant`` loaded with ``preset`` at ``width`` × ``height``.
 
     ``hardware`` only matters for the multi-GPU preset (how many GPUs, how large); without it
     two GPUs large enough for every component are assumed. ``component_bytes``: the real bytes
     of components read from the user's files ({"transformer": n} for a GGUF file), used in place
-    of the counted ones.
+    of the counted ones. ``controlnets``: catalog ControlNet ids used with it, stored and placed
+    with the transformer (``Preset.controlnet_storage`` / ``controlnet_placement``).
     """
     v = catalog.get_variant(variant)
     p = preset if isinstance(preset, Preset) else get_preset(preset)
@@ -228,6 +303,9 @@ def estimate(
             )
         )
 
+    nets = _controlnet_parts(p, variant, controlnets, width, height, batch, el, t5_seq, on_mps)
+    rows += nets.rows
+
     # activations per component while it runs (a T5 kept on the CPU: there, in RAM)
     act = {
         "text_encoder": text_encoder_activation_bytes(catalog.CLIP_L_CONFIG, CLIP_TOKENS, batch, el),
@@ -243,6 +321,9 @@ def estimate(
     for comp in numbers:  # quantized / fp8 layers are dequantized one at a time
         act[comp] += numbers[comp]["dequant"]
     act = {c: a for c, a in act.items() if c in numbers}
+    if nets.rows and "transformer" in act:
+        # each step runs the ControlNets first, then the transformer with their residuals alive
+        act["transformer"] = max(act["transformer"], nets.activations) + nets.residuals
     phase_of = {
         c: "text encode" if c in TEXT_ENCODERS else "denoise" if c == "transformer" else "decode"
         for c in numbers
@@ -261,10 +342,11 @@ def estimate(
     cpu_act = max((act[c] for c in cpu_kept), default=0)
     base = BASE_RAM_BYTES[dev]
     overhead = {"cuda": CUDA_CONTEXT_BYTES + SAFETY_MARGIN_BYTES, "mps": MPS_MARGIN_BYTES}.get(dev, 0)
-    notes: list[str] = []
+    notes: list[str] = list(nets.notes)
     gpu_bytes: list[int] = []
-    feasible = True
+    feasible = nets.feasible
     ram_parts: dict[str, int] = {"base": base}
+    cn_w, cn_on = nets.weights, nets.on_device  # all ControlNets' weights; what stays on the device
 
     def phase_peaks(resident_of) -> dict[str, int]:
         """resident_of(c) -> bytes on the accelerator while component c runs (with activations)."""
@@ -273,54 +355,64 @@ def estimate(
             out[phase_of[c]] = max(out[phase_of[c]], resident_of(c))
         return out
 
+    if cn_w:
+        ram_parts["controlnets"] = cn_w  # in RAM whenever they are not on the device
+
     if dev == "cpu":
-        phases = phase_peaks(lambda c: total_w + act[c])
-        peak = max(max(phases.values()), total_w + fp8_transient) + base
+        phases = phase_peaks(lambda c: total_w + cn_w + act[c])
+        peak = max(max(phases.values()), total_w + cn_w + max(fp8_transient, nets.load_transient)) + base
         ram_parts.update(weights=total_w, activations=max(act.values(), default=0))
         ram = peak
     elif dev == "mps":
-        phases = phase_peaks(lambda c: total_w + act[c] + overhead)
+        phases = phase_peaks(lambda c: total_w + cn_w + act[c] + overhead)
         peak = max(phases.values())
         ram_parts.update(weights=total_w, activations=max(act.values(), default=0))
-        ram = total_w + max(act.values(), default=0) + base
+        ram = total_w + cn_w + max(act.values(), default=0) + base
     elif p.placement == "resident":
-        on_gpu = sum(weights[c] for c in gpu_side)
+        on_gpu = sum(weights[c] for c in gpu_side) + cn_w
         phases = phase_peaks(lambda c: on_gpu + act[c] + overhead)
         peak = max(phases.values())
         # every component is read into RAM before the pipeline moves to the GPU (bitsandbytes
-        # layers excepted: they are quantized onto the GPU as they load); a CPU T5 stays.
+        # layers excepted: they are quantized onto the GPU as they load); a CPU T5 stays. A
+        # ControlNet is read into RAM later, one at a time, then moved.
         loading = sum(weights[c] for c in numbers if c not in bnb) + fp8_transient
-        kept = sum(weights[c] for c in cpu_kept) + cpu_act
+        kept = sum(weights[c] for c in cpu_kept) + cpu_act + nets.load_transient
+        ram_parts.pop("controlnets", None)
         if loading >= kept:
             ram_parts["loading"] = loading
         else:
             ram_parts["weights"] = kept
         ram = base + max(loading, kept)
     elif p.placement == "model":
-        phases = phase_peaks(lambda c: weights[c] + act[c] + overhead)
+        # a ControlNet comes to the device at its first step and stays through the decode
+        with_nets = {"denoise", "decode"} if cn_w else set()
+        phases = phase_peaks(lambda c: weights[c] + act[c] + overhead + (cn_w if phase_of[c] in with_nets else 0))
         peak = max(phases.values())
-        ram_parts.update(weights=total_w, load_transient=fp8_transient)
-        ram = base + total_w + fp8_transient
+        ram_parts.update(weights=total_w, load_transient=max(fp8_transient, nets.load_transient))
+        ram = base + total_w + cn_w + max(fp8_transient, nets.load_transient)
     elif p.placement == "group":
-        vae = weights.get("vae", 0)
+        vae = weights.get("vae", 0) + cn_on
 
         def group_resident(c):
             own = vae + act[c] if c == "vae" else numbers[c]["group"] + act[c] + vae
+            if c == "transformer":  # the ControlNets stream block by block as well, one net at a time
+                own = max(own, nets.group + vae + act[c])
             return own + overhead
 
         phases = phase_peaks(group_resident)
         peak = max(phases.values())
         # with CUDA streams diffusers pins a copy of every offloaded tensor while the original is
         # still alive (ModuleGroup._init_cpu_param_dict): twice the offloaded weights in RAM
-        pinned = sum(weights[c] for c in gpu_side if c != "vae")
+        pinned = sum(weights[c] for c in gpu_side if c != "vae") + cn_w
         ram_parts.update(weights=total_w, pinned_copies=pinned, cpu_activations=cpu_act)
-        ram = base + total_w + max(pinned, fp8_transient) + cpu_act
+        ram = base + total_w + cn_w + max(pinned, fp8_transient) + cpu_act
     elif p.placement == "sequential":
-        buffers_all = sum(numbers[c]["buffers"] for c in gpu_side)
-        phases = phase_peaks(lambda c: buffers_all + numbers[c]["leaf"] + act[c] + overhead)
+        buffers_all = sum(numbers[c]["buffers"] for c in gpu_side) + nets.buffers
+        phases = phase_peaks(lambda c: buffers_all + max(numbers[c]["leaf"], nets.leaf if c == "transformer" else 0)
+                             + act[c] + overhead)
         peak = max(phases.values())
         ram_parts.update(weights=total_w, cpu_activations=cpu_act)
-        ram = base + total_w + cpu_act
+        ram = base + total_w + cn_w + cpu_act
     elif p.placement == "balanced":
         if hardware and len(hardware.gpus) >= 2:
             budgets = [max(g.total_bytes - overhead, 0) for g in hardware.gpus]
@@ -343,7 +435,7 @@ def estimate(
                 + " on the CPU: too large for any single GPU."
             )
         for r in rows:
-            if r.component in assign:
+            if r.component in assign and r.component != "controlnet":
                 r.device = _device_label(p, r.component, assign[r.component])
         peak = max(gpu_bytes)
         ram_parts.update(loading=max(weights.values()))
@@ -494,6 +586,7 @@ class Plan:
     explained: bool = False  # True: one preset explained (plan --preset), not a choice
     component_bytes: dict[str, int] = field(default_factory=dict)
     reason: str | None = None  # why the plan does not fit / cannot run (None when it fits)
+    controlnets: list[str] = field(default_factory=list)  # catalog ControlNet ids planned beside it
 
     @property
     def peak_bytes(self) -> int:
@@ -535,21 +628,23 @@ class Plan:
             "height": self.estimate.height,
             "searched": self.searched,
             "component_bytes": dict(self.component_bytes),
+            "controlnets": list(self.controlnets),
             "rejected": [r.to_dict() for r in self.rejected],
         }
 
 
 def _verdict(p: Preset, hw: Hardware, variant: str, width: int, height: int,
-             component_bytes: dict | None) -> tuple[Estimate | None, str | None]:
+             component_bytes: dict | None, controlnets=()) -> tuple[Estimate | None, str | None]:
     reason = p.check(hw)
     if reason:
         return None, reason
-    est = estimate(variant, p, width, height, hardware=hw, component_bytes=component_bytes)
+    est = estimate(variant, p, width, height, hardware=hw, component_bytes=component_bytes, controlnets=controlnets)
     return est, fits(est, p, hw)
 
 
 def _axis_rejections(chosen: Preset, hw: Hardware, variant: str, width: int, height: int,
-                     component_bytes: dict | None, transformer_format: str | None) -> list[Rejection]:
+                     component_bytes: dict | None, transformer_format: str | None,
+                     controlnets=()) -> list[Rejection]:
     """For each axis, every choice that alone would be better than the chosen one, and why it was
     not taken (the cost is additive over the axes, so a better choice that fitted would have won)."""
     out = []
@@ -567,7 +662,7 @@ def _axis_rejections(chosen: Preset, hw: Hardware, variant: str, width: int, hei
             alt = compose(chosen.device, chosen.dtype, **{**chosen.axes, axis: choice})
             reason = alt.combination_problem()
             if reason is None:
-                _, reason = _verdict(alt, hw, variant, width, height, component_bytes)
+                _, reason = _verdict(alt, hw, variant, width, height, component_bytes, controlnets)
             if reason is None:  # fits and is cheaper: cannot happen with the additive cost
                 reason = "fits, but ranks lower overall"
             out.append(Rejection(alt.name, reason, axis, choice))
@@ -579,19 +674,22 @@ def _axis_cost(axis: str, choice: str) -> float:
 
 
 def choose(hardware: Hardware, variant: str, width: int = 1024, height: int = 1024, *,
-           component_bytes: dict[str, int] | None = None, transformer_format: str | None = None) -> Plan:
+           component_bytes: dict[str, int] | None = None, transformer_format: str | None = None,
+           controlnets: tuple[str, ...] | list[str] = ()) -> Plan:
     """The best combination that can run on ``hardware`` and fits its memory.
 
     Every candidate (``candidate_presets``) that passes ``check()`` is estimated; the cheapest
     (``Preset.cost``) that fits VRAM (CPU presets: RAM) and the available RAM wins. When none
     fits, the plan names the candidate that misses by the least and says ``fits=False``.
-    ``component_bytes`` / ``transformer_format``: see ``estimate`` / ``candidate_presets``.
+    ``component_bytes`` / ``transformer_format`` / ``controlnets``: see ``estimate`` /
+    ``candidate_presets``.
     """
     catalog.get_variant(variant)
+    controlnets = tuple(controlnets)
     cands = candidate_presets(hardware, transformer_format)
     verdicts: dict[str, tuple[Preset, Estimate | None, str | None]] = {}
     for p in cands:
-        est, why = _verdict(p, hardware, variant, width, height, component_bytes)
+        est, why = _verdict(p, hardware, variant, width, height, component_bytes, controlnets)
         verdicts[p.name] = (p, est, why)
     fitting = [(p, est) for p, est, why in verdicts.values() if why is None]
     reason = None
@@ -604,7 +702,8 @@ def choose(hardware: Hardware, variant: str, width: int = 1024, height: int = 10
             p, est = min(estimated, key=lambda pe: (_shortfall(pe[1], pe[0], hardware), pe[0].cost))
         else:
             p = cands[0] if cands else PRESETS["cpu-bf16"]
-            est = estimate(variant, p, width, height, hardware=hardware, component_bytes=component_bytes)
+            est = estimate(variant, p, width, height, hardware=hardware, component_bytes=component_bytes,
+                           controlnets=controlnets)
         reason = verdicts[p.name][2] if p.name in verdicts else p.check(hardware)
         ok = False
     rejected: list[Rejection] = []
@@ -614,11 +713,12 @@ def choose(hardware: Hardware, variant: str, width: int = 1024, height: int = 10
         if named.name in verdicts:
             why = verdicts[named.name][2]
         else:
-            _, why = _verdict(named, hardware, variant, width, height, component_bytes)
+            _, why = _verdict(named, hardware, variant, width, height, component_bytes, controlnets)
             if named.device != hardware.device and why is None:
                 why = f"the studio runs on {hardware.device} here (--device {named.device} plans for {named.device})."
         rejected.append(Rejection(named.name, why or "fits, but ranks lower overall"))
-    rejected += _axis_rejections(p, hardware, variant, width, height, component_bytes, transformer_format)
+    rejected += _axis_rejections(p, hardware, variant, width, height, component_bytes, transformer_format,
+                                 controlnets)
     plan = Plan(
         variant=variant,
         preset=p.name,
@@ -632,26 +732,28 @@ def choose(hardware: Hardware, variant: str, width: int = 1024, height: int = 10
         searched=len(cands),
         component_bytes=dict(component_bytes or {}),
         reason=reason,
+        controlnets=list(controlnets),
     )
     plan.explanation = explain(plan)
     return plan
 
 
 def plan_for(hardware: Hardware, variant: str, preset: str | Preset, width: int = 1024, height: int = 1024, *,
-             component_bytes: dict[str, int] | None = None) -> Plan:
+             component_bytes: dict[str, int] | None = None, controlnets: tuple[str, ...] | list[str] = ()) -> Plan:
     """One preset explained for ``hardware`` (``launch.py plan --preset NAME``): does it run,
     does it fit, and what it needs — without choosing. Raises KeyError for an unknown name."""
     catalog.get_variant(variant)
     p = preset if isinstance(preset, Preset) else get_preset(preset)
     reason = p.check(hardware)
-    est = estimate(variant, p, width, height, hardware=hardware, component_bytes=component_bytes)
+    est = estimate(variant, p, width, height, hardware=hardware, component_bytes=component_bytes,
+                   controlnets=controlnets)
     if reason is None:
         reason = fits(est, p, hardware)
     plan = Plan(
         variant=variant, preset=p.name, fits=reason is None, estimate=est, hardware=hardware,
         budget_bytes=budget_bytes(p, hardware), ram_budget_bytes=ram_budget_bytes(hardware),
         rejected=[Rejection(p.name, reason)] if reason else [], choice=p, searched=1, explained=True,
-        component_bytes=dict(component_bytes or {}), reason=reason,
+        component_bytes=dict(component_bytes or {}), reason=reason, controlnets=list(controlnets),
     )
     plan.explanation = explain(plan)
     return plan
@@ -668,33 +770,37 @@ class HiresFit:
 
 
 def hires_fit(hardware: Hardware, variant: str, preset: str | Preset, width: int, height: int,
-              first: tuple[int, int] | None = None) -> HiresFit:
+              first: tuple[int, int] | None = None, controlnets: tuple[str, ...] | list[str] = ()) -> HiresFit:
     """The hires fix's memory check: the second pass (img2img at ``width`` × ``height``, its denoise
     and decode — the larger of the two passes) planned for ``preset`` on ``hardware``.
 
     Fits as it is: ``fits``. Fits only with the VAE decoding in tiles (``vae.enable_tiling``):
     ``fits`` and ``tiled``. Fits not even so: ``largest`` is the biggest size of the same aspect
     (multiples of 16, not below ``first``, the first pass's size) that fits with tiles, or None
-    when not even ``first`` does."""
+    when not even ``first`` does. ``controlnets``: catalog ids that run in both passes."""
     from studio.memory.presets import compose
 
     p = preset if isinstance(preset, Preset) else get_preset(preset)
-    plan = plan_for(hardware, variant, p, width, height)
+
+    def fitting(q: Preset, w: int, h: int) -> Plan:
+        return plan_for(hardware, variant, q, w, h, controlnets=controlnets)
+
+    plan = fitting(p, width, height)
     if plan.fits:
         return HiresFit(True)
     tiled = p if p.vae == "tiled" else compose(p.device, p.dtype, p.transformer, p.t5, p.placement, "tiled")
-    if tiled is not p and plan_for(hardware, variant, tiled, width, height).fits:
+    if tiled is not p and fitting(tiled, width, height).fits:
         return HiresFit(True, True, reason=plan.reason)
 
     def size(k: float) -> tuple[int, int]:
         return max(16, round(width * k / 16) * 16), max(16, round(height * k / 16) * 16)
 
     lo, hi = (first[0] / width if first else 16 / width), 1.0
-    if not plan_for(hardware, variant, tiled, *size(lo)).fits:
+    if not fitting(tiled, *size(lo)).fits:
         return HiresFit(False, reason=plan.reason)
     for _ in range(12):  # bisect the scale; sizes are multiples of 16, so 12 halvings are plenty
         mid = (lo + hi) / 2
-        if plan_for(hardware, variant, tiled, *size(mid)).fits:
+        if fitting(tiled, *size(mid)).fits:
             lo = mid
         else:
             hi = mid
@@ -711,26 +817,28 @@ def explain(plan: Plan) -> str:
     est = plan.estimate
     v = catalog.get_variant(plan.variant)
     where = {"cuda": "GPU", "mps": "MPS", "cpu": "RAM"}[p.device]
+    what = v.label + (f" with {len(plan.controlnets)} ControlNet{'s' if len(plan.controlnets) > 1 else ''}"
+                      if plan.controlnets else "")
     shown = f"'{p.name}' ({p.label})"
     lines = []
     if plan.explained:
         verdict = "fits" if plan.fits else "does NOT fit"
         lines.append(
-            f"Preset {shown} for {v.label} at {est.width}×{est.height} on this machine: {verdict}"
+            f"Preset {shown} for {what} at {est.width}×{est.height} on this machine: {verdict}"
             + (f" — {plan.reason.rstrip('.')}" if plan.reason else "") + ". "
             f"Peak {gb(est.peak_bytes)} of {gb(plan.budget_bytes)} {where} (during {est.peak_phase}); "
             f"RAM needed {gb(est.ram_bytes)} of {gb(plan.ram_budget_bytes)} available."
         )
     elif plan.fits:
         lines.append(
-            f"{v.label} at {est.width}×{est.height} fits with preset {shown}: "
+            f"{what} at {est.width}×{est.height} fits with preset {shown}: "
             f"peak {gb(est.peak_bytes)} of {gb(plan.budget_bytes)} {where} "
             f"(during {est.peak_phase}); RAM needed {gb(est.ram_bytes)} of "
             f"{gb(plan.ram_budget_bytes)} available."
         )
     else:
         lines.append(
-            f"No preset fits {v.label} at {est.width}×{est.height} on this machine "
+            f"No preset fits {what} at {est.width}×{est.height} on this machine "
             f"({plan.searched} combinations tried). The closest is {shown}"
             + (f" — {plan.reason.rstrip('.')}" if plan.reason else "") + ". It needs "
             f"{gb(est.peak_bytes)} {where} (have {gb(plan.budget_bytes)}) and {gb(est.ram_bytes)} RAM "

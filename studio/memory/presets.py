@@ -240,6 +240,55 @@ class Preset:
             return Storage(self.t5 if self.t5 in ("int8", "nf4") else "plain", self.dtype)
         return Storage("plain", self.dtype)
 
+    # -- ControlNets: stored and placed with the transformer (the one place this is decided)
+    def controlnet_storage(self) -> Storage:
+        """How a ControlNet is stored beside this preset's transformer: as the transformer when that
+        is plain or fp8 layerwise; fp8 layerwise when the transformer is quantized (NF4, GGUF,
+        torchao). Those formats quantize at load time, through loaders a ControlNet file does not
+        go through (Stability's single files are converted by the studio); layerwise casting
+        applies to a loaded module on every device, at half the bf16 bytes."""
+        return Storage("plain" if self.transformer == "plain" else "fp8", self.dtype)
+
+    @property
+    def controlnet_placement(self) -> str:
+        """Where a ControlNet lives while the transformer runs: "resident" (on the device),
+        "model" (moved to the device at its first step, back to the CPU when the image is done,
+        as diffusers' model offload does with the components it calls per step), "group" (block
+        by block, as the transformer) or "sequential" (layer by layer). Off CUDA: resident."""
+        return self.placement if self.device == "cuda" else "resident"
+
+    @property
+    def controlnet_key(self) -> str:
+        """What a ControlNet loaded under this preset carries (the ControlNet cache's key): a net
+        cast or hooked for one preset is not reused under another."""
+        return f"{self.controlnet_storage().key}/{self.controlnet_placement}"
+
+    def apply_controlnet(self, net, device) -> None:
+        """Store and place one ControlNet (an SD3ControlNetModel on the CPU, in the preset's
+        dtype) as :meth:`controlnet_storage` and :attr:`controlnet_placement` say. Idempotent:
+        a net already set up for this preset is left alone."""
+        if getattr(net, "_studio_controlnet_key", None) == self.controlnet_key:
+            return
+        if self.controlnet_storage().kind == "fp8":
+            apply_fp8_storage(net, self.dtype)
+        place = self.controlnet_placement
+        if place == "model":
+            from accelerate import cpu_offload_with_hook
+
+            net.to("cpu")
+            _, net._studio_offload_hook = cpu_offload_with_hook(net, torch.device(device))
+        elif place == "group":
+            net.enable_group_offload(onload_device=torch.device(device), offload_device=torch.device("cpu"),
+                                     offload_type="block_level", num_blocks_per_group=1,
+                                     use_stream=str(device).startswith("cuda"))
+        elif place == "sequential":
+            from accelerate import cpu_offload
+
+            cpu_offload(net, execution_device=torch.device(device))
+        else:
+            net.to(device)
+        net._studio_controlnet_key = self.controlnet_key
+
     def runs_on(self, component: str) -> str:
         """Where ``component`` computes: "cpu" for a T5 kept on the CPU, else the device."""
         return "cpu" if component == "text_encoder_3" and self.t5 == "cpu" else self.device

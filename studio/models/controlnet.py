@@ -311,17 +311,29 @@ def _build(config: dict, state_dict: dict, dtype, name: str):
     return model.eval()
 
 
+def _load_cast(path: Path, dtype) -> dict:
+    """The file's tensors, each cast to ``dtype`` as it is read: RAM peaks at the model in
+    ``dtype`` plus one tensor as stored (Stability's 8B ControlNets are fp32 files: read whole,
+    then cast, they would take 8.6 + 4.3 GB on the way to a 4.3 GB bf16 model)."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 — safe_open has no iterator
+            t = f.get_tensor(key)
+            out[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return out
+
+
 def load_controlnet_file(path: str | Path, dtype=None, base_config: dict | None = None):
     """(model, info) from one .safetensors file in Stability's or diffusers' layout. ``info``:
     layout, config, control_type (Stability files), ignored keys."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     header = _read_header(path)
     layout = file_layout(header)
     config = config_from_header(header, layout, base_config)
     try:
-        sd = load_file(str(path))
+        sd = _load_cast(path, dtype)
     except Exception as e:  # safetensors raises several types for a bad file
         raise ModelError(f"Could not read {path.name}: {short_error(e)}. Download it again.") from e
     extras = {"control_type": None, "ignored": []}
@@ -403,7 +415,7 @@ class ControlNetLibrary:
         self.max_cached = max_cached
         self.progress = progress
         self.lock = threading.RLock()
-        self._cache: OrderedDict[tuple[str, str], LoadedControlNet] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str, str], LoadedControlNet] = OrderedDict()
 
     def _resolve(self, src: ControlNetSource, progress) -> Path:
         if src.kind != "hub":
@@ -415,15 +427,17 @@ class ControlNetLibrary:
         return self.hashes.file_hash(path) if path.is_file() else self.hashes.folder_identity(path)
 
     def get(self, spec: str, dtype=None, base_config: dict | None = None,
-            progress: ProgressFn | None = None) -> LoadedControlNet:
+            progress: ProgressFn | None = None, setup: str = "") -> LoadedControlNet:
         """The ControlNet ``spec`` names (catalog id, Hub id, folder or file) at ``dtype``: from the
-        cache when the same content is held, else loaded (downloaded first for the Hub)."""
+        cache when the same content is held, else loaded (downloaded first for the Hub).
+        ``setup``: how the preset stores and places it (``Preset.controlnet_key``) — a net cast
+        or hooked for one preset is another cache entry than for another."""
         src = parse_controlnet_source(spec)
         progress = progress or self.progress
         with self.lock:
             path = self._resolve(src, progress)
             sha = self.identity(path)
-            key = (sha, str(dtype))
+            key = (sha, str(dtype), setup)
             hit = self._cache.get(key)
             if hit is not None:
                 self._cache.move_to_end(key)
@@ -529,7 +543,8 @@ def _multi_class():
     return AlignedMultiControlNet
 
 
-def pipeline_for(base_pipe, controlnets, dtype, *, inpaint: bool = False, share_pos_embed: bool = True):
+def pipeline_for(base_pipe, controlnets, dtype, *, inpaint: bool = False, share_pos_embed: bool = True,
+                 preset=None):
     """A StableDiffusion3ControlNet(Inpainting)Pipeline on the base pipeline's components.
 
     ``controlnets``: one or more SD3ControlNetModel (or LoadedControlNet); several become one
@@ -538,8 +553,11 @@ def pipeline_for(base_pipe, controlnets, dtype, *, inpaint: bool = False, share_
     objects and are not cast: ``from_pipe(..., dtype=)`` would call ``.to(dtype)`` on every
     component, which undoes fp8 layerwise-cast storage (the weights come back as bf16 until the
     next forward — checked on CPU) and only warns for bitsandbytes ones; here only the
-    ControlNets are moved to ``dtype`` and to the base's execution device (they stay resident
-    there under every offload preset).
+    ControlNets are moved to ``dtype`` and to the base's execution device — or, with ``preset``
+    (the loaded model's memory preset), stored and placed as the preset says beside the
+    transformer (:meth:`Preset.apply_controlnet`: fp8 with a quantized transformer; with its
+    offload, model, group or sequential). They are then in the preset's dtype already (the
+    ControlNet library loads them so), and nothing is cast.
 
     The 8B ControlNets (``use_pos_embed=False``) read the transformer's patch + position
     embedding. diffusers' pipeline gives each a copy of it (for SD3.5 Large: a 192² × 2432 table,
@@ -564,7 +582,7 @@ def pipeline_for(base_pipe, controlnets, dtype, *, inpaint: bool = False, share_
     if problem:
         raise ModelError(problem)
     device = base_pipe._execution_device
-    for net in nets:  # moved only when needed (a cached ControlNet is usually in place already)
+    for net in nets if preset is None else ():  # moved only when needed (a cached one usually is in place)
         if dtype is not None and net.dtype != dtype:
             net.to(dtype=dtype)
         if net.device != device:
@@ -580,4 +598,20 @@ def pipeline_for(base_pipe, controlnets, dtype, *, inpaint: bool = False, share_
         for net in nets:
             if not net.config.use_pos_embed:
                 net.pos_embed = transformer.pos_embed  # the pipeline's copy is dropped here
+    if preset is not None:
+        for net in nets:
+            preset.apply_controlnet(net, device)
+            if preset.controlnet_placement == "group" and not net.config.use_pos_embed:
+                # the pipeline's copy of the position embedding (made above, on every build) is
+                # not in the net's offload groups: it stays on the device (0.18 GB for 3.5 Large)
+                net.pos_embed.to(device)
     return pipe
+
+
+def release_controlnets(nets) -> None:
+    """After an image: a ControlNet under model offload goes back to the CPU (its hook brought it
+    to the device at its first step, and it stayed there through the denoise and the decode)."""
+    for net in nets:
+        hook = getattr(getattr(net, "model", net), "_studio_offload_hook", None)
+        if hook is not None:
+            hook.offload()

@@ -430,7 +430,8 @@ class ModelManager:
         """A ControlNet (LoadedControlNet) for the loaded model, in its dtype, from the RAM cache
         when the same content was loaded before. Raises ModelError (download, files)."""
         return self.controlnets.get(spec, loaded.dtype, base_config=dict(loaded.pipe.transformer.config),
-                                    progress=progress or self.progress)
+                                    progress=progress or self.progress,
+                                    setup=loaded.placement.preset.controlnet_key if loaded.placement.preset else "")
 
     def controlnet_pipeline(self, loaded: LoadedModel, nets, inpaint: bool = False):
         """The ControlNet (or ControlNet inpainting) pipeline over the loaded pipeline's own
@@ -443,9 +444,15 @@ class ModelManager:
             cached = self._controlnet_pipe
             if cached is not None and cached[0] is loaded and cached[1] == key:
                 return cached[2]
-            pipe = pipeline_for(loaded.pipe, list(nets), loaded.dtype, inpaint=inpaint)
+            pipe = pipeline_for(loaded.pipe, list(nets), loaded.dtype, inpaint=inpaint, preset=loaded.placement.preset)
             self._controlnet_pipe = (loaded, key, pipe)
             return pipe
+
+    def controlnets_done(self, nets) -> None:
+        """An image with these ControlNets is done: one under model offload goes back to the CPU."""
+        from studio.models.controlnet import release_controlnets
+
+        release_controlnets(nets)
 
     # -- LoRA --
 

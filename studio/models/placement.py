@@ -25,6 +25,7 @@ class Placement:
     pipeline_kwargs: dict | None = None  # load the whole pipeline at once (multi-GPU device_map)
     resident: bool = True  # every component stays on ``device`` (no offload hooks)
     reason: str = ""  # why this placement, when it is not the planner's choice (shown in the status)
+    preset: object = None  # the memory Preset that made it (it also stores and places ControlNets)
 
     def key(self, component: str) -> str:
         """What, beyond the files, makes a loaded component what it is (dtype, quantization)."""
@@ -87,6 +88,7 @@ def placement_from_preset(preset, device: str, hardware=None, validate_on_cpu: b
         apply=apply,
         pipeline_kwargs=kwargs if "device_map" in kwargs else None,
         resident=validate_on_cpu or (preset.placement == "resident" and preset.t5 != "cpu"),  # a CPU-kept T5 stays
+        preset=preset,
     )
 
 
