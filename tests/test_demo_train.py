@@ -92,3 +92,49 @@ def test_kohya_export_is_exactly_the_peft_lora(quick_run):
     assert len(kohya) == 3 * len(names)
     assert sum(1 for k in peft if k.endswith("lora_A.weight")) == sum(
         3 if n.endswith("qkv") else 1 for n in names)
+
+
+def test_the_vae_can_train_on_crops_of_the_scenes():
+    """``vae_crop``: the convolutional VAE learns from random crops (on the 8-pixel latent grid,
+    half of them near the middle where objects sit) and still encodes whole 256² pictures."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from studio.demo import shapes
+    from studio.demo.train import Log, Recipe, _crops, _flat_fields, _to_tensor, train_vae
+
+    x = _to_tensor([shapes.render(shapes.sample_scene(np.random.default_rng(i))) for i in range(2)])
+    crops = _crops(x, 64, 3, np.random.default_rng(0))
+    assert crops.shape == (6, 3, 64, 64)
+    for c in crops[:3]:  # each crop is a window of its picture at a multiple of 8
+        hits = [(t, left) for t in range(0, 193, 8) for left in range(0, 193, 8)
+                if torch.equal(x[0, :, t:t + 64, left:left + 64], c)]
+        assert hits
+    flat = _flat_fields(crops, 0.5, np.random.default_rng(0))
+    assert all(bool((f == f[:, :1, :1]).all()) for f in flat[:3]) and torch.equal(flat[3:], crops[3:])
+    recipe = dataclasses.replace(Recipe.quick(seed=1), vae_crop=32, vae_crops=2, vae_attention=False, vae_flat=0.5)
+    vae = train_vae(recipe, Log(quiet=True), bf16=False)
+    assert vae.config.mid_block_add_attention is False
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean
+    assert z.shape == (2, 16, shapes.SIZE // 8, shapes.SIZE // 8) and torch.isfinite(z).all()
+
+
+def test_set_reads_booleans_and_tuples(monkeypatch, tmp_path):
+    """``--set`` parses a recipe field by its type: ``vae_attention=false`` is False (bool("false")
+    would be True), a tuple from commas; a bad boolean is refused."""
+    import torch
+
+    from studio.demo import train as training
+
+    seen = {}
+    monkeypatch.setattr(training, "train", lambda out, recipe, **kw: seen.setdefault("recipe", recipe))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # main sets the training's threads
+    training.main(["--out", str(tmp_path), "--quick", "--set", "vae_attention=false", "--set", "vae_channels=4,8",
+                   "--set", "vae_flat=0.25"])
+    r = seen["recipe"]
+    assert r.vae_attention is False and r.vae_channels == (4, 8) and r.vae_flat == 0.25
+    with pytest.raises(SystemExit):
+        training.main(["--out", str(tmp_path), "--quick", "--set", "vae_attention=maybe"])

@@ -4,8 +4,9 @@ A tiny SD3.5-Medium-shaped pipeline of the real diffusers classes, trained from 
 procedural shapes (``studio.demo.shapes``) so that ``--demo`` draws what it is asked:
 
 1. the VAE (``AutoencoderKL``, 16 latent channels, SD3's scaling and shift factors, no quant
-   convs) as a plain autoencoder on the mean latent, at the full 256 px, with a penalty that
-   keeps the scaled latents near zero mean and unit variance, which flow matching expects;
+   convs) as a plain autoencoder on the mean latent, at the full 256 px (or on crops, some of
+   them flat fields: ``vae_crop``, ``vae_flat``), with a penalty that keeps the scaled latents
+   near zero mean and unit variance, which flow matching expects;
 2. the latents of ``--scenes`` pictures, cached once, with their left↔right mirrors (latent
    flipped, "left"/"right" swapped in the prompt);
 3. the transformer (``SD3Transformer2DModel``, qk RMS-norm, dual attention in the first two
@@ -52,6 +53,12 @@ class Recipe:
     vae_batch: int = 8
     vae_lr: float = 2e-3
     vae_latent_noise: float = 0.05  # scaled-latent noise the decoder learns to ignore
+    vae_crop: int = 0  # > 0: train on random crops of this many pixels (the VAE is convolutional)
+    vae_crops: int = 4  # crops taken from each rendered scene
+    vae_attention: bool = True  # the mid-block attention (a flat-colour autoencoder needs none)
+    # fraction of the crops replaced by flat fields (half palette colours, half any colour): a
+    # GroupNorm VAE that never sees a flat field maps flat red, yellow and orange to one colour
+    vae_flat: float = 0.0
     # the data
     scenes: int = 6000
     two_objects: float = 0.2
@@ -125,6 +132,7 @@ def vae_config(recipe: Recipe) -> dict:
         "shift_factor": 0.0609,
         "use_quant_conv": False,
         "use_post_quant_conv": False,
+        "mid_block_add_attention": recipe.vae_attention,
     }
 
 
@@ -186,6 +194,37 @@ def _cosine(step: int, total: int, warmup: int, final: float) -> float:
 # 1. the VAE
 
 
+def _crops(x, size: int, per_image: int, rng):
+    """``per_image`` random ``size``-pixel crops of each image of the batch ``x`` (on the 8-pixel
+    latent grid), biased towards the objects: half the crops are centred near the image centre."""
+    import torch
+
+    side = x.shape[-1]
+    out = []
+    for img in x:
+        for k in range(per_image):
+            if k % 2:  # objects sit mostly in the middle half
+                lo, hi = side // 4 - size // 2, 3 * side // 4 - size // 2
+            else:
+                lo, hi = 0, side - size
+            top, left = (int(rng.integers(max(lo, 0) // 8, max(hi, 0) // 8 + 1)) * 8 for _ in range(2))
+            out.append(img[:, top:top + size, left:left + size])
+    return torch.stack(out)
+
+
+def _flat_fields(x, fraction: float, rng):
+    """``x`` with its first ``fraction`` of images replaced by flat fields: half of them a palette
+    colour (``shapes.COLOURS`` and the default grey), half any colour."""
+    import torch
+
+    palette = np.array([*shapes.COLOURS.values(), shapes.GREY], dtype=np.float32)
+    x = x.clone()
+    for i in range(int(round(fraction * len(x)))):
+        rgb = palette[rng.integers(len(palette))] if rng.random() < 0.5 else rng.uniform(0, 255, 3)
+        x[i] = torch.from_numpy(np.asarray(rgb, np.float32) / 127.5 - 1)[:, None, None]
+    return x
+
+
 def train_vae(recipe: Recipe, log: Log, bf16: bool):
     """Train the VAE as a plain autoencoder on procedural scenes; returns it with its figures."""
     import torch
@@ -204,6 +243,10 @@ def train_vae(recipe: Recipe, log: Log, bf16: bool):
             group["lr"] = recipe.vae_lr * _cosine(step, recipe.vae_steps, 20, 0.05)
         batch = [shapes.sample_scene(rng, two_objects=0.4) for _ in range(recipe.vae_batch)]
         x = _to_tensor([shapes.render(s) for s in batch])
+        if recipe.vae_crop:
+            x = _crops(x, recipe.vae_crop, recipe.vae_crops, rng)
+            if recipe.vae_flat:
+                x = _flat_fields(x, recipe.vae_flat, rng)
         with _autocast(bf16):
             z = vae.encode(x).latent_dist.mean
             zs = (z.float() - shift) * scale
@@ -598,8 +641,13 @@ def main(argv=None) -> int:
         if name not in types:
             parser.error(f"--set {name}: no such recipe field; fields: {', '.join(types)}")
         default = getattr(recipe, name)
-        parsed = (tuple(int(v) for v in value.split(",") if v) if isinstance(default, tuple)
-                  else type(default)(value))
+        if isinstance(default, bool):  # bool("false") is True
+            if value.lower() not in ("true", "false", "1", "0"):
+                parser.error(f"--set {name}: true or false, not {value!r}")
+            parsed = value.lower() in ("true", "1")
+        else:
+            parsed = (tuple(int(v) for v in value.split(",") if v) if isinstance(default, tuple)
+                      else type(default)(value))
         setattr(recipe, name, parsed)
     bf16 = {"auto": None, "fp32": False, "bf16": True}[args.precision]
     train(args.out, recipe, vae_from=args.vae_from, transformer_from=args.transformer_from, bf16=bf16)
