@@ -38,6 +38,36 @@ def studio(demo_config):
     return Studio(demo_config)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def patient_gradio_self_check():
+    """Gradio's ``launch()`` asks its own URL whether it is up (``networking.url_ok``): a HEAD
+    with a 3 s timeout, which gives up on the first timeout and then refuses to start ("When
+    localhost is not accessible, a shareable link must be created"). On two cores busy with the
+    rest of the suite the first answer can take longer (CI failed so, three module fixtures at
+    once). The in-process test servers get the same check with patience: up to 60 s."""
+    import time
+
+    import gradio.networking as networking
+    import httpx
+
+    original = networking.url_ok
+
+    def url_ok(url: str) -> bool:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.head(url, timeout=10, verify=False).status_code in (200, 401, 301, 302, 303, 307, 308):
+                    return True
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        return False
+
+    networking.url_ok = url_ok
+    yield
+    networking.url_ok = original
+
+
 @pytest.fixture(scope="session")
 def browser_type_launch_args(browser_type_launch_args):
     """pytest-playwright drives Debian's Chromium (no browser download), headless and offline."""
