@@ -217,7 +217,8 @@ def _flat_fields(x, fraction: float, rng):
     colour (``shapes.COLOURS`` and the default grey), half any colour."""
     import torch
 
-    palette = np.array([*shapes.COLOURS.values(), shapes.GREY], dtype=np.float32)
+    from studio.demo.quality import PALETTE as palette  # the palette colours and the default grey
+
     x = x.clone()
     for i in range(int(round(fraction * len(x)))):
         rgb = palette[rng.integers(len(palette))] if rng.random() < 0.5 else rng.uniform(0, 255, 3)
