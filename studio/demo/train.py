@@ -217,10 +217,10 @@ def _flat_fields(x, fraction: float, rng):
     colour (``shapes.COLOURS`` and the default grey), half any colour."""
     import torch
 
-    from studio.demo.quality import PALETTE as palette  # the palette colours and the default grey
+    from studio.demo.quality import PALETTE as palette
 
     x = x.clone()
-    for i in range(int(round(fraction * len(x)))):
+    for i in range(round(fraction * len(x))):
         rgb = palette[rng.integers(len(palette))] if rng.random() < 0.5 else rng.uniform(0, 255, 3)
         x[i] = torch.from_numpy(np.asarray(rgb, np.float32) / 127.5 - 1)[:, None, None]
     return x
@@ -266,9 +266,27 @@ def train_vae(recipe: Recipe, log: Log, bf16: bool):
             log(f"vae {step + 1}/{recipe.vae_steps}: mse {np.mean(losses[-25:]):.4f}, "
                 f"latent mean {mean.mean():+.2f} std {std.mean():.2f}")
     vae.eval()
+    deterministic_encoder(vae)
     log.record["stages"]["vae"] = {"steps": recipe.vae_steps, "final_mse": float(np.mean(losses[-25:])),
                                    "minutes": round(log.elapsed() / 60, 2)}
     return vae
+
+
+def deterministic_encoder(vae) -> None:
+    """Make the encoder's posterior a point: its log-variance half of ``conv_out`` is zeroed and
+    biased to -30 (the floor diffusers clamps to), so ``latent_dist.sample()`` is the mean, to
+    within exp(-15).
+
+    The VAE trains on the mean latent only, so the log-variance channels are never trained and
+    stay near 0 (σ ≈ 1, more than the latents' own spread); diffusers' img2img and inpaint
+    encode with ``sample()`` and would start from noise. The mean channels are untouched."""
+    import torch
+
+    conv = vae.encoder.conv_out
+    half = conv.out_channels // 2  # DiagonalGaussianDistribution: mean, then logvar
+    with torch.no_grad():
+        conv.weight[half:].zero_()
+        conv.bias[half:].fill_(-30.0)
 
 
 # ---------------------------------------------------------------------------------------------
