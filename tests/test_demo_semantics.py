@@ -147,11 +147,11 @@ def test_the_vae_encodes_to_its_mean(studio):
     import torch
 
     from studio.demo import shapes
+    from studio.demo.train import _to_tensor  # pictures as the VAE trained on them (NCHW, −1…1)
 
     studio.load_model()
     vae = studio.current.pipe.vae
     scene = shapes.Scene((shapes.Shape("red", "circle", "large", "center", 0.5, 0.5, 0.3),), None)
-    x = torch.from_numpy(np.asarray(shapes.render(scene), np.float32) / 127.5 - 1)
     with torch.no_grad():
-        dist = vae.encode(x.permute(2, 0, 1)[None].to(vae.dtype)).latent_dist
+        dist = vae.encode(_to_tensor([shapes.render(scene)]).to(vae.dtype)).latent_dist
     assert float(dist.std.max()) < 1e-4 and float(dist.mean.std()) > 0.1
