@@ -38,6 +38,32 @@ def studio(demo_config):
     return Studio(demo_config)
 
 
+@pytest.fixture
+def main_here(capsys, monkeypatch, tmp_path):
+    """``launch.py ARGS`` in this process (``studio.app.cli.main``, what launch.py runs): a callable
+    that returns the exit status, stdout and stderr, as a subprocess's would be. The Hub cache is
+    an empty one of the test's own, so no model that happens to be cached here is found. It spares
+    a test the interpreter start and the torch/diffusers imports of a subprocess."""
+    from types import SimpleNamespace
+
+    import huggingface_hub.constants
+
+    from studio.app.cli import main
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+
+    def call(*args):
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's refusals
+            code = e.code
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+    return call
+
+
 @pytest.fixture(autouse=True, scope="session")
 def patient_gradio_self_check():
     """Gradio's ``launch()`` asks its own URL whether it is up (``networking.url_ok``): a HEAD

@@ -28,13 +28,20 @@ SMALL = {
 }
 
 
+@pytest.fixture
+def workdir(tmp_path, tiny_family):
+    """A --workdir whose tiny/ is the session's tiny family, which --tiny reuses (no rebuild)."""
+    (tmp_path / "tiny").symlink_to(tiny_family["sd3.5-large"].parent, target_is_directory=True)
+    return tmp_path
+
+
 def _assert_row(row):
     for key in ROW_KEYS:
         assert key in row and row[key] is not None and row[key] > 0, (key, row)
 
 
-def test_tiny_json_runs_every_function_on_cpu(tmp_path, capsys):
-    assert bench_gpu.main(["--tiny", "--json", "--workdir", str(tmp_path)]) == 0
+def test_tiny_json_runs_every_function_on_cpu(workdir, capsys):
+    assert bench_gpu.main(["--tiny", "--json", "--workdir", str(workdir)]) == 0
     results = json.loads(capsys.readouterr().out)
     assert set(results) == {f"sd3.5-large/{p}" for p in bench_gpu.TINY_PRESETS}
     ran = [r for r in results.values() if "skipped" not in r]
@@ -57,9 +64,9 @@ def test_tiny_json_runs_every_function_on_cpu(tmp_path, capsys):
     assert table.startswith("| variant / plan |") and "step cache fast" in table
 
 
-def test_tiny_compile_is_measured_apart(tmp_path):
+def test_tiny_compile_is_measured_apart(workdir):
     """--compile: a fresh load with compiled blocks (eager backend here: fast on a CPU)."""
-    results = bench_gpu.run(["sd3.5-large"], ["cpu-fp32"], tiny=True, workdir=tmp_path, compile=True,
+    results = bench_gpu.run(["sd3.5-large"], ["cpu-fp32"], tiny=True, workdir=workdir, compile=True,
                             compile_backend="eager", log=lambda m: None, stepcache=False)
     row = results["sd3.5-large/cpu-fp32"]
     _assert_row(row)
@@ -70,9 +77,9 @@ def test_tiny_compile_is_measured_apart(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_bf16_runs_when_named(tmp_path):
+def test_tiny_bf16_runs_when_named(workdir):
     """cpu-bf16 runs on any CPU when named (about a minute where the CPU has no native bf16)."""
-    results = bench_gpu.run(["sd3.5-large"], ["cpu-bf16"], tiny=True, workdir=tmp_path, log=lambda m: None,
+    results = bench_gpu.run(["sd3.5-large"], ["cpu-bf16"], tiny=True, workdir=workdir, log=lambda m: None,
                             stepcache=False)
     _assert_row(results["sd3.5-large/cpu-bf16"])
 
@@ -182,8 +189,8 @@ def test_presets_to_run_follows_the_planner_on_a_simulated_gpu(monkeypatch):
         bench_gpu.presets_to_run("sd3.5-large", hw, 1024, 1024, ["turbo-max"])
 
 
-def test_the_time_budget_skips_what_would_start_late(tmp_path):
-    results = bench_gpu.run(["sd3.5-large"], ["cpu-fp32"], tiny=True, workdir=tmp_path, log=lambda m: None,
+def test_the_time_budget_skips_what_would_start_late(workdir):
+    results = bench_gpu.run(["sd3.5-large"], ["cpu-fp32"], tiny=True, workdir=workdir, log=lambda m: None,
                             budget_s=0.0)
     row = results["sd3.5-large/cpu-fp32"]
     assert "time budget" in row["skipped"] and "--budget-s" in row["skipped"]

@@ -1,4 +1,8 @@
-"""launch.py as a user runs it: generate end to end, the start-up message without weights."""
+"""launch.py as a user runs it: generate end to end, the start-up message without weights.
+
+Two tests run launch.py as a subprocess (a generate and the server), as a user's shell does; the
+others call the same ``studio.app.cli.main`` in this process (``main_here``), which spares each an
+interpreter start and the torch/diffusers imports."""
 
 import json
 import os
@@ -55,9 +59,9 @@ def test_generate_demo_writes_a_png_and_prints_its_path(data_dir):
     assert [Path(i.path) for i in page.items] == [png]
 
 
-def test_generate_json_with_flags_before_the_subcommand(data_dir, tmp_path):
-    out = run("--demo", "--data-dir", str(data_dir), "generate", "a cat", "--count", "2", "--seed", "5",
-              "--steps", "2", "--width", "250", "--height", "256", "--json", data_dir=data_dir)
+def test_generate_json_with_flags_before_the_subcommand(data_dir, main_here):
+    out = main_here("--demo", "--data-dir", str(data_dir), "generate", "a cat", "--count", "2", "--seed", "5",
+                    "--steps", "2", "--width", "250", "--height", "256", "--json")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert [i["seed"] for i in result["images"]] == [5, 6]
@@ -65,48 +69,48 @@ def test_generate_json_with_flags_before_the_subcommand(data_dir, tmp_path):
     assert any("snapped to 256" in n for n in result["notes"])
     # img2img from the first image
     init = result["images"][0]["path"]
-    out = run("generate", "a cat", "--demo", "--data-dir", str(data_dir), "--mode", "img2img",
-              "--init-image", init, "--strength", "0.5", "--steps", "4", "--json", data_dir=data_dir)
+    out = main_here("generate", "a cat", "--demo", "--data-dir", str(data_dir), "--mode", "img2img",
+                    "--init-image", init, "--strength", "0.5", "--steps", "4", "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["images"][0]["path"].endswith(".png")
 
 
-def test_generate_bad_input_is_a_message_not_a_traceback(data_dir):
-    out = run("generate", "x", "--demo", "--data-dir", str(data_dir), "--width", "0", data_dir=data_dir)
+def test_generate_bad_input_is_a_message_not_a_traceback(data_dir, main_here):
+    out = main_here("generate", "x", "--demo", "--data-dir", str(data_dir), "--width", "0")
     assert out.returncode == 2
     assert "Width 0 is out of range: use 256–" in out.stderr
     assert "Traceback" not in out.stderr
-    out = run("generate", "x", "--demo", "--data-dir", str(data_dir), "--mode", "img2img", "--steps", "4",
-              "--init-image", str(data_dir / "missing.png"), data_dir=data_dir)
+    out = main_here("generate", "x", "--demo", "--data-dir", str(data_dir), "--mode", "img2img", "--steps", "4",
+                    "--init-image", str(data_dir / "missing.png"))
     assert out.returncode == 2 and "Traceback" not in out.stderr and "missing.png" in out.stderr
 
 
-def test_generate_without_weights_says_how_to_get_them(tmp_path):
-    out = run("generate", "a red fox", "--data-dir", str(tmp_path / "d"), data_dir=tmp_path)
+def test_generate_without_weights_says_how_to_get_them(tmp_path, main_here):
+    out = main_here("generate", "a red fox", "--data-dir", str(tmp_path / "d"))
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert "stabilityai/stable-diffusion-3.5-medium" in out.stderr
     assert "licence" in out.stderr and "hf auth login" in out.stderr and "--demo" in out.stderr
 
 
-def test_model_flag_loads_any_sd3_folder(tiny_family, tmp_path):
+def test_model_flag_loads_any_sd3_folder(tiny_family, tmp_path, main_here):
     """--model pointed at an SD3-architecture diffusers folder (not a studio demo build) generates."""
     import shutil
 
     foreign = tmp_path / "my-finetune"
     shutil.copytree(tiny_family["sd3-medium"], foreign)
     (foreign / "studio_tiny.json").unlink()  # nothing marks it as ours
-    out = run("generate", "a fox", "--model", str(foreign), "--steps", "2", "--width", "256", "--height", "256",
-              "--data-dir", str(tmp_path / "d"), "--json", data_dir=tmp_path)
+    out = main_here("generate", "a fox", "--model", str(foreign), "--steps", "2", "--width", "256", "--height",
+                    "256", "--data-dir", str(tmp_path / "d"), "--json")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["model"] == "SD3 Medium" and Path(result["images"][0]["path"]).is_file()
 
 
-def test_pickled_checkpoint_is_refused(tmp_path):
+def test_pickled_checkpoint_is_refused(tmp_path, main_here):
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(b"not really")
-    out = run("generate", "x", "--model", str(ckpt), "--data-dir", str(tmp_path / "d"), data_dir=tmp_path)
+    out = main_here("generate", "x", "--model", str(ckpt), "--data-dir", str(tmp_path / "d"))
     assert out.returncode == 2 and "pickled checkpoint" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -144,6 +148,12 @@ def test_studio_starts_without_weights_and_says_which_model_is_missing(tmp_path)
     assert "Traceback" not in output
 
 
-def test_share_without_auth_refuses(tmp_path):
-    out = run("--share", "--data-dir", str(tmp_path / "d"), data_dir=tmp_path, timeout=60)
+def test_share_without_auth_refuses(tmp_path, main_here, monkeypatch):
+    import gradio
+
+    def launched(*args, **kwargs):  # a regression fails here instead of serving until the timeout
+        raise AssertionError("--share without --auth started the server")
+
+    monkeypatch.setattr(gradio.Blocks, "launch", launched)
+    out = main_here("--share", "--data-dir", str(tmp_path / "d"))
     assert out.returncode == 2 and "--auth" in out.stderr and "Traceback" not in out.stderr

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -14,7 +11,6 @@ from studio.engine import GenerationRequest
 from studio.errors import ModelError, ValidationError
 from studio.service import Studio
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(steps=1, width=256, height=256, seed=1)
 
 
@@ -64,15 +60,9 @@ def test_demo_with_model_is_refused(tmp_path):
         StudioConfig(data_dir=tmp_path, demo=True, model=str(tmp_path / "x.safetensors"))
 
 
-def _cli(*args, data_dir):
-    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args, "--data-dir", str(data_dir)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
-
-
-def test_cli_generate_records_the_preset_it_ran_with(demo_config):
-    out = _cli("generate", "a red fox", "--demo", "--preset", "cpu-bf16", "--steps", "1", "--json",
-               data_dir=demo_config.data_dir)
+def test_cli_generate_records_the_preset_it_ran_with(demo_config, main_here):
+    out = main_here("generate", "a red fox", "--demo", "--preset", "cpu-bf16", "--steps", "1", "--json",
+                    "--data-dir", str(demo_config.data_dir))
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["preset"] == "cpu-bf16"
@@ -86,8 +76,8 @@ def test_cli_generate_records_the_preset_it_ran_with(demo_config):
     (["--model", "/nowhere/x.safetensors"], "--demo runs the offline demo models"),
     (["--width", "5000"], "Width 5000 is out of range"),
 ])
-def test_cli_refusals_are_one_line_errors(demo_config, args, words):
-    out = _cli("generate", "a cat", "--demo", *args, data_dir=demo_config.data_dir)
+def test_cli_refusals_are_one_line_errors(demo_config, args, words, main_here):
+    out = main_here("generate", "a cat", "--demo", *args, "--data-dir", str(demo_config.data_dir))
     assert out.returncode == 2, out.stdout
     assert out.stderr.startswith("error: ") and words in out.stderr, out.stderr
     assert "Traceback" not in out.stderr and "Loading" not in out.stderr, "refused before any load"
