@@ -42,7 +42,7 @@ class GenerationRequest:
     loras: list = field(default_factory=list)  # [(name, weight)]: the LoRAs in <data-dir>/loras
     slg: bool | None = None  # Skip Layer Guidance; None: the variant's advice
     max_sequence_length: int = 256  # T5 tokens
-    shift: float | None = None  # scheduler shift; None: the model's (3.0)
+    shift: float | None = None  # scheduler shift; None: LIMITS["shift"].default (3.0, every SD3/3.5 release's)
     variant: str | None = None  # None: the loaded model (turbo mode: Large Turbo)
     # Sampling and prompt control (#16): names as Forge writes them (studio.engine.samplers)
     sampler: str | None = None  # None: "Euler", SD3's own
