@@ -57,8 +57,8 @@ def test_the_demo_is_the_trained_model(studio):
 
 def blue_minus_red(image, box=None) -> float:
     """Mean of (blue − red) over the picture (or a box): how blue rather than red or yellow it is.
-    The demo's palette is soft (red and yellow come out orange, see assets/demo/README.md), so the
-    effects are measured as movements of the colour, not as palette labels."""
+    The demo draws ragged blobs whose colours are often off the palette (see assets/demo/README.md),
+    so the effects are measured as movements of the colour, not as palette labels."""
     a = np.asarray(image.convert("RGB"), dtype=np.float32)
     if box is not None:
         x0, y0, x1, y1 = box

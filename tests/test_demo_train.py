@@ -32,7 +32,7 @@ def test_quick_run_writes_a_complete_pipeline_and_both_loras(quick_run):
 
     out, record = quick_run
     folder = trained_folder(out)  # verified complete
-    assert json.loads((out / "training.json").read_text())["stages"].keys() >= {"vae", "transformer", "lora"}
+    assert json.loads((out / "training.json").read_text())["stages"].keys() >= {"vae", "decoder", "transformer", "lora"}
     assert record["recipe"]["seed"] == 3
     pipe = StableDiffusion3Pipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
@@ -138,3 +138,44 @@ def test_set_reads_booleans_and_tuples(monkeypatch, tmp_path):
     assert r.vae_attention is False and r.vae_channels == (4, 8) and r.vae_flat == 0.25
     with pytest.raises(SystemExit):
         training.main(["--out", str(tmp_path), "--quick", "--set", "vae_attention=maybe"])
+
+
+def test_training_timesteps_uniform_weights_the_noisiest_steps_as_the_sampler_walks_them():
+    """``timesteps``: uniform t (then the scheduler's shift of 3) trains σ > 0.95 about 13.6 % of
+    the time (the share of a shifted Euler sampler's path), logit-normal about 3 %; an unknown
+    name is refused, not silently replaced."""
+    import torch
+
+    from studio.demo.train import _sigmas
+
+    def share_above(name):
+        s = _sigmas(200_000, torch.Generator().manual_seed(0), timesteps=name)
+        assert 0 <= float(s.min()) and float(s.max()) <= 1
+        return float((s > 0.95).float().mean())
+
+    assert abs(share_above("uniform") - (1 - 0.95 / 1.1)) < 0.005  # σ > 0.95 ⇔ t > 0.95 / (3 − 2·0.95)
+    assert 0.025 < share_above("logit-normal") < 0.04
+    with pytest.raises(ValueError, match="uniform"):
+        _sigmas(4, torch.Generator(), timesteps="cosine")
+
+
+def test_the_decoder_stage_trains_the_decoder_alone():
+    """``decoder_steps``: the decoder learns on whole scenes while the encoder, so every latent the
+    transformer trains on, stays bit for bit what the VAE stage made."""
+    import dataclasses
+
+    import torch
+    from diffusers import AutoencoderKL
+
+    from studio.demo.train import Log, Recipe, finetune_decoder, vae_config
+
+    torch.manual_seed(0)
+    recipe = dataclasses.replace(Recipe.quick(seed=2), decoder_steps=2)
+    vae = AutoencoderKL(**vae_config(recipe)).eval()
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    log = Log(quiet=True)
+    finetune_decoder(vae, recipe, log, bf16=False)
+    after = vae.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("encoder."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert not vae.training and log.record["stages"]["decoder"]["steps"] == 2
