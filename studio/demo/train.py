@@ -4,22 +4,24 @@ A tiny SD3.5-Medium-shaped pipeline of the real diffusers classes, trained from 
 procedural shapes (``studio.demo.shapes``) so that ``--demo`` draws what it is asked:
 
 1. the VAE (``AutoencoderKL``, 16 latent channels, SD3's scaling and shift factors, no quant
-   convs) as a plain autoencoder on the mean latent, at the full 256 px (or on crops, some of
-   them flat fields: ``vae_crop``, ``vae_flat``), with a penalty that keeps the scaled latents
-   near zero mean and unit variance, which flow matching expects;
+   convs) as a plain autoencoder on the mean latent, on 64-px crops, a quarter of them flat
+   fields (``vae_crop``, ``vae_flat``; 0: whole pictures), with a penalty that keeps the scaled
+   latents near zero mean and unit variance, which flow matching expects; then the decoder alone
+   on whole scenes (``decoder_steps``), the encoder frozen;
 2. the latents of ``--scenes`` pictures, cached once, with their left↔right mirrors (latent
    flipped, "left"/"right" swapped in the prompt);
 3. the transformer (``SD3Transformer2DModel``, qk RMS-norm, dual attention in the first two
-   blocks) by rectified flow matching: timesteps logit-normal, shifted by the scheduler's 3.0;
-   10 % of prompts dropped to "" so classifier-free guidance works; an EMA of the weights is
-   what is saved;
+   blocks) by rectified flow matching: timesteps logit-normal (or ``timesteps=uniform``),
+   shifted by the scheduler's 3.0; 10 % of prompts dropped to "" so classifier-free guidance
+   works; an EMA of the weights is what is saved;
 4. a LoRA (``purple-world``: every picture on a purple background) on the trained transformer,
    saved in the diffusers/PEFT layout and in kohya's layout (see ``kohya_state_dict``).
 
 The text encoders and tokenizers are the shared tiny ones (``studio.demo.tiny``), frozen, so they
 stay bit-identical across the demo variants. Everything is deterministic from ``--seed`` for a
-given machine and thread count; the step counts are fixed (not timed) for that reason, and the
-defaults fit in 45 minutes on two 2020s CPU cores. ``--quick`` runs every stage for a few steps.
+given machine and thread count; the step counts are fixed (not timed) for that reason. The
+defaults took 74 minutes on this project's two CPU cores (assets/demo/README.md), over the
+45-minute goal. ``--quick`` runs every stage for a few steps.
 """
 
 from __future__ import annotations
