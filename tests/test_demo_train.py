@@ -159,6 +159,22 @@ def test_training_timesteps_uniform_weights_the_noisiest_steps_as_the_sampler_wa
         _sigmas(4, torch.Generator(), timesteps="cosine")
 
 
+def test_train_refuses_unknown_timesteps_before_any_stage(tmp_path, monkeypatch):
+    """A mistyped ``--set timesteps=…`` fails at once, not after the VAE stage has run."""
+    import dataclasses
+
+    from studio.demo import train as training
+
+    def no_stage(*args, **kwargs):
+        raise AssertionError("a stage ran before the recipe was checked")
+
+    monkeypatch.setattr(training, "train_vae", no_stage)
+    with pytest.raises(ValueError, match="logit-normal"):
+        training.train(tmp_path / "out", dataclasses.replace(training.Recipe.quick(), timesteps="cosine"),
+                       bf16=False, quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_decoder_stage_trains_the_decoder_alone():
     """``decoder_steps``: the decoder learns on whole scenes while the encoder, so every latent the
     transformer trains on, stays bit for bit what the VAE stage made."""

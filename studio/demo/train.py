@@ -236,6 +236,11 @@ def _flat_fields(x, fraction: float, rng):
     return x
 
 
+def _reconstruction_loss(y, x):
+    """What the VAE and decoder stages minimise: MSE plus half the mean absolute error."""
+    return (y - x).pow(2).mean() + 0.5 * (y - x).abs().mean()
+
+
 def train_vae(recipe: Recipe, log: Log, bf16: bool):
     """Train the VAE as a plain autoencoder on procedural scenes; returns it with its figures."""
     import torch
@@ -263,7 +268,7 @@ def train_vae(recipe: Recipe, log: Log, bf16: bool):
             zs = (z.float() - shift) * scale
             noisy = zs + recipe.vae_latent_noise * torch.randn(zs.shape, generator=noise_gen)
             y = vae.decode(noisy / scale + shift).sample.float()
-        rec = (y - x).pow(2).mean() + 0.5 * (y - x).abs().mean()
+        rec = _reconstruction_loss(y, x)
         mean, std = zs.mean(dim=(0, 2, 3)), zs.std(dim=(0, 2, 3))
         stats = mean.pow(2).mean() + torch.log(std + 1e-6).pow(2).mean()
         loss = rec + 0.01 * stats
@@ -307,7 +312,7 @@ def finetune_decoder(vae, recipe: Recipe, log: Log, bf16: bool):
         z = z + noise * torch.randn(z.shape, generator=gen)
         with _autocast(bf16):
             y = vae.decode(z / scale + shift).sample.float()
-        loss = (y - x).pow(2).mean() + 0.5 * (y - x).abs().mean()
+        loss = _reconstruction_loss(y, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -401,14 +406,19 @@ def encode_scenes(vae, scenes, bf16: bool, batch: int = 32, render=shapes.render
 TIMESTEPS = ("logit-normal", "uniform")
 
 
-def _sigmas(n: int, generator, shift: float = 3.0, timesteps: str = "logit-normal"):
+def check_timesteps(name: str) -> None:
+    """Refuse a ``timesteps`` recipe value that is not one of TIMESTEPS."""
+    if name not in TIMESTEPS:
+        raise ValueError(f"timesteps {name!r}: use one of {', '.join(TIMESTEPS)}")
+
+
+def _sigmas(n: int, generator, *, timesteps: str, shift: float = 3.0):
     """Training noise levels: t logit-normal (SD3's recipe) or uniform, then shifted as the
     scheduler shifts. Uniform t is the density a shifted Euler sampler walks; logit-normal puts
     about 3 % of the steps above σ 0.95, where the first sampling steps decide colour and layout."""
     import torch
 
-    if timesteps not in TIMESTEPS:
-        raise ValueError(f"timesteps {timesteps!r}: use one of {', '.join(TIMESTEPS)}")
+    check_timesteps(timesteps)
     if timesteps == "uniform":
         u = torch.rand(n, generator=generator)
     else:
@@ -416,7 +426,7 @@ def _sigmas(n: int, generator, shift: float = 3.0, timesteps: str = "logit-norma
     return shift * u / (1 + (shift - 1) * u)
 
 
-def flow_loss(model, latents, embeds, pooled, generator, bf16: bool, weight=None, timesteps: str = "logit-normal"):
+def flow_loss(model, latents, embeds, pooled, generator, bf16: bool, *, timesteps: str, weight=None):
     """Rectified flow: x_t = (1 - σ) x0 + σ ε, the model predicts ε - x0 (weighted MSE)."""
     import torch
 
@@ -647,6 +657,7 @@ def train(out: Path, recipe: Recipe, *, vae_from: Path | None = None, transforme
     import torch
     from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
 
+    check_timesteps(recipe.timesteps)  # before the VAE stage, not twelve minutes into the run
     log = Log(quiet)
     bf16 = _bf16_is_faster() if bf16 is None else bf16
     log(f"recipe {dataclasses.asdict(recipe)}; bf16 autocast {'on' if bf16 else 'off'}; "
