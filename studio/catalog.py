@@ -8,6 +8,7 @@ attention layers, channel counts — and shrinks their widths).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 # --- Shared components (identical in every SD3 / SD3.5 release) ---------------------------------
@@ -251,10 +252,37 @@ ASPECT_PRESETS: dict[str, tuple[int, int]] = {
 }
 
 # Size limits the engine enforces for every variant (a variant may recommend less).
-SIZE_MULTIPLE = 16
+VAE_FACTOR = 8  # SD3's VAE: one latent pixel per 8×8 image pixels
+SIZE_MULTIPLE = 16  # SD3's: the VAE's 8 × the transformer's 2×2 patches
 MIN_SIDE = 256
 MAX_SIDE = 2048
 MAX_T5_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class SizeRules:
+    """The sizes one model accepts: sides a multiple of ``multiple`` and at most ``max_side``."""
+
+    multiple: int = SIZE_MULTIPLE
+    max_side: int = MAX_SIDE
+
+
+def vae_factor(block_out_channels) -> int:
+    """How many pixels one latent pixel spans for a VAE with these ``block_out_channels``:
+    diffusers' ``vae_scale_factor``, 2 ** (blocks - 1) (SD3's four blocks: 8)."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
+def size_rules(transformer_config: Mapping, vae_factor: int = VAE_FACTOR) -> SizeRules:
+    """The one place a model's sizes are decided. The multiple is the VAE's factor × the
+    transformer's patch size (what diffusers' SD3 pipelines check: 16 for every SD3 release, 32
+    for the demo's 16× VAE); the largest side is what the position embedding covers
+    (``pos_embed_max_size`` patches), within MAX_SIDE and rounded down to the multiple."""
+    patch = int(transformer_config.get("patch_size") or 2)
+    multiple = patch * int(vae_factor)
+    pos = transformer_config.get("pos_embed_max_size")
+    side = min(MAX_SIDE, int(pos) * multiple) if isinstance(pos, int) and not isinstance(pos, bool) else MAX_SIDE
+    return SizeRules(multiple, side // multiple * multiple)
 
 
 def get_variant(name: str) -> Variant:

@@ -23,7 +23,8 @@ import secrets
 import threading
 from functools import cached_property
 
-from studio.catalog import DEFAULT_VARIANT, TURBO_VARIANT, VARIANTS, get_variant
+from studio.catalog import (DEFAULT_VARIANT, SIZE_MULTIPLE, TURBO_VARIANT, VAE_FACTOR, VARIANTS, SizeRules, get_variant,
+                            size_rules, vae_factor)
 from studio.config import StudioConfig
 from studio.errors import GalleryError, ModelError, ValidationError
 
@@ -254,9 +255,11 @@ class Studio:
             raise ValidationError(f"Unknown variant {str(name)[:60]!r}; choose one of: {', '.join(VARIANTS)}.",
                                   "variant")
         if current is not None and current.variant.name == name:
-            resolved = validate(req, current.variant, current.max_side, current.native_size, images=False)
+            resolved = validate(req, current.variant, current.max_side, current.native_size, images=False,
+                                multiple=current.size_multiple)
         else:
-            resolved = validate(req, get_variant(name), images=False,
+            rules = self.size_rules_for(name)
+            resolved = validate(req, get_variant(name), rules.max_side, images=False, multiple=rules.multiple,
                                 native_size=(256, 256) if self.config.demo else (1024, 1024))
         nets = self._planned_controlnets(resolved, name)
         if nets:
@@ -362,30 +365,34 @@ class Studio:
 
         return open_image(path, field).size
 
-    def max_side_for(self, variant: str | None = None) -> int:
-        """The largest width or height the model for ``variant`` accepts (None: the loaded one):
-        the loaded model's when it is that variant, else its transformer config's (the demo's
-        tiny config on disk, or the catalog's), within the engine's MAX_SIDE."""
+    def size_rules_for(self, variant: str | None = None) -> SizeRules:
+        """The sizes the model for ``variant`` accepts (None: the loaded one;
+        ``catalog.size_rules``): the loaded model's when it is that variant, else from its configs
+        on disk (the demo family's, whose VAE may not be SD3's 8×) or the catalog's."""
         import json
-
-        from studio.catalog import MAX_SIDE
 
         current = self.current
         name = variant or (current.variant.name if current is not None else None) or self.config.variant \
             or DEFAULT_VARIANT
         if current is not None and current.variant.name == name:
-            return min(current.max_side, MAX_SIDE)
+            return current.size_rules
         cfg = VARIANTS[name].transformer_config if name in VARIANTS else {}
+        factor = VAE_FACTOR
         if self.config.demo:
             try:
                 folder = self.config.demo_dir if self.config.demo_weights == "trained" else self.config.tiny_dir
                 if not (folder / name / "transformer" / "config.json").is_file():
                     folder = self.config.tiny_dir
                 cfg = json.loads((folder / name / "transformer" / "config.json").read_text())
-            except (OSError, ValueError):
+                blocks = json.loads((folder / name / "vae" / "config.json").read_text())["block_out_channels"]
+                factor = vae_factor(blocks)
+            except (OSError, ValueError, KeyError, TypeError):
                 pass
-        pos, patch = cfg.get("pos_embed_max_size"), cfg.get("patch_size") or 2
-        return min(MAX_SIDE, int(pos) * int(patch) * 8) if isinstance(pos, int) else MAX_SIDE
+        return size_rules(cfg, factor)
+
+    def max_side_for(self, variant: str | None = None) -> int:
+        """The largest width or height the model for ``variant`` accepts (:meth:`size_rules_for`)."""
+        return self.size_rules_for(variant).max_side
 
     # Set on ZeroGPU (studio/app/spaces.py): ``gpu_runner(prepared, on_progress, cancel)`` runs
     # :meth:`infer` in a GPU worker process and returns its plain result.
@@ -802,7 +809,8 @@ class Studio:
             device = current.placement.device if current is not None else self._device()
             result = run_upscale(source, scale, upscaler=name, library=self.models.upscalers, device=device,
                                  generation=refine, max_side=current.max_side if refine and current else None,
-                                 field="scale", progress=progress)
+                                 field="scale", progress=progress,
+                                 multiple=current.size_multiple if refine and current else SIZE_MULTIPLE)
         up = result.image
         info = result.info
         record = {"parent_image_id": image_id, "upscale_scale": scale, "upscale_upscaler": result.upscaler,
@@ -903,8 +911,9 @@ class Studio:
         rule = rule_for(unit.control_type, design, unit.entry)
         from studio.engine import check_number, snap
 
-        w = snap(native[0] if width in (None, "") else check_number("width", width))
-        h = snap(native[1] if height in (None, "") else check_number("height", height))
+        multiple = self.size_rules_for(name).multiple
+        w = snap(native[0] if width in (None, "") else check_number("width", width), multiple)
+        h = snap(native[1] if height in (None, "") else check_number("height", height), multiple)
         estimator = depth_estimator(depth_model) if depth_model else None
         return control_map(unit.image, unit.settings, rule, w, h, estimator, progress)
 

@@ -8,7 +8,7 @@ import types
 import gradio as gr
 import pytest
 
-from studio.catalog import ASPECT_PRESETS, MAX_SIDE, TURBO_VARIANT
+from studio.catalog import ASPECT_PRESETS, MAX_SIDE, TURBO_VARIANT, SizeRules
 from studio.engine.limits import LIMITS
 from studio.ui import tab_gallery, tab_img2img, tab_inpaint, tab_models, tab_turbo, tab_txt2img
 from studio.ui.components import ImageMaskPaths, ImagePath, RawNumber
@@ -167,7 +167,7 @@ def test_presets_scale_to_the_models_largest_side():
     assert small["16:9"] == (1024, 592) and small["9:16"] == (592, 1024) and small["1:1"] == (1024, 1024)
     assert all(max(wh) <= 1024 and wh[0] % 16 == 0 and wh[1] % 16 == 0 for wh in small.values())
     with gr.Blocks():
-        g = SizeGroup("t", limit=lambda: (1024, "SD3.5 Large Turbo (tiny demo)"))
+        g = SizeGroup("t", limit=lambda: (SizeRules(max_side=1024), "SD3.5 Large Turbo (tiny demo)"))
     labels = [c[0] for c in g.aspect.choices]
     assert "16:9 (1024×592)" in labels and "16:9 (1344×768)" not in labels
     assert "1024 px" in g.aspect.info and "SD3.5 Large Turbo (tiny demo)" in g.aspect.info

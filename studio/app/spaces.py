@@ -91,6 +91,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from studio.catalog import VAE_FACTOR
 from studio.config import on_space  # noqa: F401 — part of this module's interface
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,6 @@ DECODE_S_PER_MP = 0.5  # VAE decode, seconds per megapixel image (prior; folded 
 MARGIN_PRIOR = 1.5  # on the compute while the throughput is the prior …
 MARGIN_MEASURED = 1.25  # … and once it is this Space's own
 MEASUREMENTS_KEPT = 8
-VAE_SCALE = 8
 TEXT_TOKENS = 77 + 256  # CLIP + T5 at the default max_sequence_length
 
 # --- the channel -------------------------------------------------------------------------------
@@ -194,7 +194,7 @@ def transformer_facts(pipe) -> dict:
         "inner_dim": int(cfg.num_attention_heads) * int(cfg.attention_head_dim),
         "dual_layers": len(cfg.get("dual_attention_layers", None) or ()),
         "patch": int(cfg.patch_size),
-        "vae_scale": int(getattr(pipe, "vae_scale_factor", VAE_SCALE) or VAE_SCALE),
+        "vae_scale": int(getattr(pipe, "vae_scale_factor", VAE_FACTOR) or VAE_FACTOR),
     }
 
 
@@ -203,7 +203,7 @@ def facts_from_config(config: dict, params: int) -> dict:
     return {"params": int(params), "layers": int(config["num_layers"]),
             "inner_dim": int(config["num_attention_heads"]) * int(config["attention_head_dim"]),
             "dual_layers": len(config.get("dual_attention_layers") or ()), "patch": int(config.get("patch_size", 2)),
-            "vae_scale": VAE_SCALE}
+            "vae_scale": VAE_FACTOR}
 
 
 def forward_flops(facts: dict, width: int, height: int, text_tokens: int = TEXT_TOKENS,

@@ -95,6 +95,8 @@ def build_demo_family(root: str | os.PathLike, variants=None, force: bool = Fals
     variants = TINY_VARIANTS if variants is None else tuple(variants)
     source = trained_folder()
     digest = _digest(source)
+    # the random transformers keep the trained one's native size (256 px) whatever the VAE's factor
+    native_latent = json.loads((source / "transformer" / "config.json").read_text())["sample_size"]
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     out: dict[str, Path] = {}
@@ -114,7 +116,7 @@ def build_demo_family(root: str | os.PathLike, variants=None, force: bool = Fals
         shutil.copytree(source, tmp, dirs_exist_ok=True)
         if variant != TRAINED_VARIANT:
             shutil.rmtree(tmp / "transformer")
-            build_transformer(variant).save_pretrained(tmp / "transformer")
+            build_transformer(variant, sample_size=native_latent).save_pretrained(tmp / "transformer")
         (tmp / _STAMP).write_text(json.dumps(stamp))
         if folder.exists():
             shutil.rmtree(folder)

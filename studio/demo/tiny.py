@@ -55,7 +55,7 @@ def _dims(scale: int) -> dict:
     }
 
 
-def _transformer_config(variant: str, scale: int) -> dict:
+def _transformer_config(variant: str, scale: int, sample_size: int = 32) -> dict:
     head_dim = 8 * scale
     if variant == "sd3-medium":
         layers, heads, qk, dual, pos = 4, 4, None, (), 64
@@ -66,7 +66,7 @@ def _transformer_config(variant: str, scale: int) -> dict:
     else:
         raise KeyError(f"No tiny build for {variant!r}; tiny variants: {', '.join(TINY_VARIANTS)}")
     return {
-        "sample_size": 32,  # native 256 px: fast on CPU
+        "sample_size": sample_size,  # 32 latent pixels: native 256 px with SD3's 8× VAE, fast on CPU
         "patch_size": 2,
         "in_channels": 16,
         "out_channels": 16,
@@ -232,14 +232,15 @@ def build_shared_components(seed: int = _SHARED_SEED, scale: int = 1) -> dict:
     }
 
 
-def build_transformer(variant: str, scale: int = 1):
+def build_transformer(variant: str, scale: int = 1, sample_size: int = 32):
     """A tiny random SD3Transformer2DModel for ``variant`` (seeded per variant, its zero-initialised
-    matrices given small weights so images differ)."""
+    matrices given small weights so images differ); ``sample_size``: its native size in latent
+    pixels (the demo family's VAE is 16×, so its random transformers take 16 for 256 px)."""
     import torch
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(TINY_VARIANTS.index(variant) + 1)
-    model = SD3Transformer2DModel(**_transformer_config(variant, scale)).eval()
+    model = SD3Transformer2DModel(**_transformer_config(variant, scale, sample_size)).eval()
     # Random init leaves the final projection near zero; give it real weights so images differ.
     with torch.no_grad():
         for p in model.parameters():

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageChops, ImageFilter, ImageOps
 
+from studio.catalog import SIZE_MULTIPLE
 from studio.engine.images import open_image
 from studio.engine.limits import snap
 
@@ -93,19 +94,22 @@ def blurred(mask: Image.Image, radius: int) -> Image.Image:
 class Plan:
     """Where to repaint: the source's box and the size the model works at."""
     box: tuple[int, int, int, int]  # (x0, y0, x1, y1) of the source that is repainted
-    size: tuple[int, int]  # (width, height) the model works at, multiples of 16
+    size: tuple[int, int]  # (width, height) the model works at, multiples of the model's multiple
 
 
-def work_size(w: int, h: int, target_pixels: int, min_side: int, max_side: int) -> tuple[int, int]:
-    """A size near ``target_pixels`` with the aspect of w×h, sides within the limits, snapped to 16."""
+def work_size(w: int, h: int, target_pixels: int, min_side: int, max_side: int,
+              multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
+    """A size near ``target_pixels`` with the aspect of w×h, sides within the limits, snapped to
+    ``multiple`` (the model's: 16 for SD3)."""
     scale = math.sqrt(target_pixels / (w * h))
     scale = min(scale, max_side / max(w, h))
     scale = max(scale, min_side / min(w, h))
-    return (min(max_side, snap(w * scale)), min(max_side, snap(h * scale)))
+    return (min(max_side, snap(w * scale, multiple)), min(max_side, snap(h * scale, multiple)))
 
 
 def plan(mask: Image.Image, only_masked: bool, padding: int, target_pixels: int,
-         min_side: int, max_side: int, size: tuple[int, int] | None = None) -> Plan:
+         min_side: int, max_side: int, size: tuple[int, int] | None = None,
+         multiple: int = SIZE_MULTIPLE) -> Plan:
     """Where to repaint and at what size. ``size`` (the request's width/height) overrides the
     working size; the box is always the whole picture unless ``only_masked``."""
     W, H = mask.size
@@ -127,7 +131,7 @@ def plan(mask: Image.Image, only_masked: bool, padding: int, target_pixels: int,
     bw, bh = box[2] - box[0], box[3] - box[1]
     if size is not None:
         return Plan(box, size)
-    return Plan(box, work_size(bw, bh, target_pixels, min_side, max_side))
+    return Plan(box, work_size(bw, bh, target_pixels, min_side, max_side, multiple))
 
 
 def crop_inputs(image: Image.Image, mask: Image.Image, p: Plan) -> tuple[Image.Image, Image.Image]:

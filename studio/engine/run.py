@@ -53,7 +53,8 @@ class Engine:
         from studio.engine.tokens import count_for
         from studio.models.lora import LoraError
 
-        resolved = validate(req, loaded.variant, loaded.max_side, loaded.native_size, styles=self.styles)
+        resolved = validate(req, loaded.variant, loaded.max_side, loaded.native_size, styles=self.styles,
+                            multiple=loaded.size_multiple)
         req = resolved.request
         tc = count_for(loaded.pipe, resolved.prompt, req.max_sequence_length, prompt_3=req.prompt_3 or None,
                        enabled=req.prompt_weighting)
@@ -459,13 +460,14 @@ class Engine:
 
         h, req = r.hires, r.request
         if h.latent:
-            init = upscale_latents(first, h.width, h.height, h.upscaler)
+            init = upscale_latents(first, h.width, h.height, h.upscaler, factor=loaded.pipe.vae_scale_factor,
+                                   multiple=loaded.size_multiple)
         else:
             init = []
             for image in first:
                 res = upscale(image, size=(h.width, h.height), upscaler=h.upscaler, library=self.models.upscalers,
                               device=loaded.placement.device, generation=True, max_side=loaded.max_side,
-                              field="hires_upscaler")
+                              field="hires_upscaler", multiple=loaded.size_multiple)
                 init.append(res.image)
                 r.notes.extend(n for n in res.notes if n not in r.notes)
         pipe2 = self.models.img2img(second)

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from studio.catalog import MAX_SIDE, SIZE_MULTIPLE
+from studio.catalog import MAX_SIDE, SIZE_MULTIPLE, VAE_FACTOR
 from studio.engine.images import normalize_init_image
 from studio.engine.limits import MAX_IMAGE_PIXELS, snap
 from studio.errors import GenerationError, StudioError, ValidationError
@@ -53,7 +53,6 @@ MIN_TILE = 128  # halving on out-of-memory stops here
 MAX_MODEL_PASSES = 3  # a 2× model asked for 8× runs three times (A1111's limit too)
 LANCZOS = BUILTIN_UPSCALERS[0]
 LATENT_BISLERP, LATENT_NEAREST_EXACT = LATENT_UPSCALERS
-VAE_FACTOR = 8  # SD3's VAE: one latent pixel per 8×8 image pixels
 
 Progress = Callable[[int, int], None]  # (tiles done, tiles in all); raise from it to stop
 
@@ -95,8 +94,8 @@ class UpscaleResult:
 
 
 def target_size(width: int, height: int, scale: float, multiple: int = 1) -> tuple[int, int]:
-    """The size ``scale`` × (width, height) rounds to; ``multiple`` 16 snaps it for a diffusion
-    pass (``limits.snap``, the one snapping)."""
+    """The size ``scale`` × (width, height) rounds to; a ``multiple`` above 1 (the model's: 16 for
+    SD3) snaps it for a diffusion pass (``limits.snap``, the one snapping)."""
     w, h = width * float(scale), height * float(scale)
     if multiple > 1:
         return snap(w, multiple), snap(h, multiple)
@@ -111,26 +110,28 @@ def _fits(size: tuple[int, int], generation: bool, max_side: int, max_pixels: in
 
 
 def largest_scale(width: int, height: int, *, generation: bool = False, max_side: int | None = None,
-                  max_pixels: int = MAX_IMAGE_PIXELS) -> float:
+                  max_pixels: int = MAX_IMAGE_PIXELS, multiple: int = SIZE_MULTIPLE) -> float:
     """The largest factor (to 0.01, rounded down) whose result stays within the size limits.
 
     ``generation``: a diffusion pass runs at the result (hires fix, refine), so each side must
     also be at most ``max_side`` (default: catalog ``MAX_SIDE``; pass the loaded model's
-    ``max_side`` where it is lower) after snapping to 16. Otherwise only the pixel count counts
+    ``max_side`` where it is lower) after snapping to ``multiple`` (the model's: 16 for SD3).
+    Otherwise only the pixel count counts
     (``MAX_IMAGE_PIXELS``: what ``open_image`` accepts back). 0.0 when even 1× does not fit."""
     max_side = min(max_side or MAX_SIDE, MAX_SIDE) if generation else (max_side or 0)
     bound = math.sqrt(max_pixels / (width * height))
     if generation:
         bound = min(bound, max_side / max(width, height))
     scale = math.floor(bound * 100 + 1e-9) / 100
-    multiple = SIZE_MULTIPLE if generation else 1
+    multiple = multiple if generation else 1
     while scale > 0 and not _fits(target_size(width, height, scale, multiple), generation, max_side, max_pixels):
         scale = round(scale - 0.01, 2)
     return max(scale, 0.0)
 
 
 def check_scale(width: int, height: int, scale: float, *, generation: bool = False, field: str = "scale",
-                max_side: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+                max_side: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
+                multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
     """The target size of a ``scale`` upscale, or ValidationError (naming ``field``) when the factor
     is not above 1 or the result would pass the size limits — the message names the largest
     factor allowed for this image."""
@@ -140,13 +141,14 @@ def check_scale(width: int, height: int, scale: float, *, generation: bool = Fal
         raise ValidationError(f"The upscale factor must be a number, not {scale!r}.", field) from None
     if not math.isfinite(scale) or scale <= 1.0:
         raise ValidationError(f"The upscale factor must be more than 1 (got {scale:g}).", field)
-    size = target_size(width, height, scale, SIZE_MULTIPLE if generation else 1)
+    size = target_size(width, height, scale, multiple if generation else 1)
     return check_size(width, height, size, generation=generation, field=field, max_side=max_side,
-                      max_pixels=max_pixels, what=f"A {scale:g}× upscale")
+                      max_pixels=max_pixels, what=f"A {scale:g}× upscale", multiple=multiple)
 
 
 def check_size(width: int, height: int, size: tuple[int, int], *, generation: bool = False, field: str = "scale",
-               max_side: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS, what: str = "An upscale") -> tuple[int, int]:
+               max_side: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS, what: str = "An upscale",
+               multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
     """``size`` when a width × height image may be upscaled to it, else ValidationError naming the
     largest factor allowed (see :func:`check_scale`)."""
     side = min(max_side or MAX_SIDE, MAX_SIDE)
@@ -155,7 +157,8 @@ def check_size(width: int, height: int, size: tuple[int, int], *, generation: bo
         raise ValidationError(f"The target size {tw}×{th} must be larger than the image ({width}×{height}).", field)
     if _fits((tw, th), generation, side, max_pixels):
         return tw, th
-    top = largest_scale(width, height, generation=generation, max_side=side, max_pixels=max_pixels)
+    top = largest_scale(width, height, generation=generation, max_side=side, max_pixels=max_pixels,
+                        multiple=multiple)
     limit = (f"{side} px a side for a diffusion pass" if generation and max(tw, th) > side
              else f"{max_pixels / 1e6:.0f} MP")
     allowed = (f"the largest factor allowed for {width}×{height} is {top:g}×" if top > 1 else
@@ -367,12 +370,13 @@ def upscale(image, scale: float | None = None, *, size: tuple[int, int] | None =
             upscaler: str | LoadedUpscaler = LANCZOS, library=None, device="cpu", dtype=None,
             tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP, min_tile: int = MIN_TILE,
             generation: bool = False, max_side: int | None = None, field: str = "scale",
-            progress: Progress | None = None) -> UpscaleResult:
+            progress: Progress | None = None, multiple: int = SIZE_MULTIPLE) -> UpscaleResult:
     """Upscale ``image`` by ``scale`` (or to ``size`` = (width, height)) with ``upscaler``.
 
     ``upscaler``: ``"Lanczos"``, a model's name in ``library`` (an ``UpscalerLibrary``), or an
     already-loaded upscaler. ``generation``: a diffusion pass follows at the new size, so the
-    generation side limit applies and ``size`` is snapped to 16 (see :func:`check_scale`).
+    generation side limit applies and ``size`` is snapped to ``multiple`` (the model's: 16 for
+    SD3; see :func:`check_scale`).
     Raises ValidationError (``field``: bad factor or size, unknown upscaler, a latent upscaler,
     which works on latents — :func:`upscale_latents`) or GenerationError (out of memory at the
     smallest tile)."""
@@ -382,16 +386,16 @@ def upscale(image, scale: float | None = None, *, size: tuple[int, int] | None =
     if size is None:
         if scale is None:
             raise ValidationError("Give an upscale factor or a target size.", field)
-        size = check_scale(w, h, scale, generation=generation, field=field, max_side=max_side)
+        size = check_scale(w, h, scale, generation=generation, field=field, max_side=max_side, multiple=multiple)
     else:
         try:
             tw, th = (int(v) for v in size)
         except (TypeError, ValueError):
             raise ValidationError(f"The target size must be (width, height), not {size!r}.", field) from None
         if generation:
-            tw, th = snap(tw), snap(th)
+            tw, th = snap(tw, multiple), snap(th, multiple)
         size = check_size(w, h, (tw, th), generation=generation, field=field, max_side=max_side,
-                          what=f"Upscaling to {tw}×{th}")
+                          what=f"Upscaling to {tw}×{th}", multiple=multiple)
     name = upscaler.info.name if isinstance(upscaler, LoadedUpscaler) else str(upscaler or LANCZOS).strip()
     if name.lower() in (n.lower() for n in LATENT_UPSCALERS):
         raise ValidationError(f"{name} upscales latents (hires fix's first pass), not images: choose Lanczos "
@@ -503,21 +507,23 @@ def bislerp(latents, height: int, width: int):
     return x.to(dtype)
 
 
-def latent_size(width: int, height: int) -> tuple[int, int]:
-    """(h, w) of the latents of a width × height image (SD3: a factor of 8)."""
-    return height // VAE_FACTOR, width // VAE_FACTOR
+def latent_size(width: int, height: int, factor: int = VAE_FACTOR) -> tuple[int, int]:
+    """(h, w) of the latents of a width × height image (``factor``: the VAE's, 8 for SD3)."""
+    return height // factor, width // factor
 
 
-def upscale_latents(latents, width: int, height: int, method: str = LATENT_BISLERP):
+def upscale_latents(latents, width: int, height: int, method: str = LATENT_BISLERP, *,
+                    factor: int = VAE_FACTOR, multiple: int = SIZE_MULTIPLE):
     """Enlarge SD3 latents (B, 16, h, w) to those of a ``width`` × ``height`` image (pixels, a
-    multiple of 16) with ``latent-bislerp`` or ``latent-nearest-exact``."""
+    multiple of ``multiple``) with ``latent-bislerp`` or ``latent-nearest-exact``; ``factor``
+    and ``multiple``: the loaded model's (8 and 16 for SD3)."""
     import torch.nn.functional as F
 
     if latents.ndim != 4:
         raise ValueError(f"latents must be (B, C, h, w), not {tuple(latents.shape)}")
-    if width % SIZE_MULTIPLE or height % SIZE_MULTIPLE:
-        raise ValidationError(f"The hires size {width}×{height} must be a multiple of {SIZE_MULTIPLE}.", "hires_scale")
-    h, w = latent_size(width, height)
+    if width % multiple or height % multiple:
+        raise ValidationError(f"The hires size {width}×{height} must be a multiple of {multiple}.", "hires_scale")
+    h, w = latent_size(width, height, factor)
     if method == LATENT_BISLERP:
         return bislerp(latents, h, w)
     if method == LATENT_NEAREST_EXACT:

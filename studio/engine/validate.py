@@ -147,18 +147,19 @@ def _check_strength(req: GenerationRequest, steps: int) -> float:
     return strength
 
 
-def _size(name: str, value, limit: int, notes: list[str]) -> int:
+def _size(name: str, value, limit: int, notes: list[str], multiple: int) -> int:
     label = name.capitalize()
-    rng = f"use {MIN_SIDE}–{limit} pixels (a multiple of {SIZE_MULTIPLE})"
+    rng = f"use {MIN_SIDE}–{limit} pixels (a multiple of {multiple})"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValidationError(f"{label} must be a number: {rng}, not {str(value)[:40]!r}.", name)
     if not math.isfinite(float(value)) or abs(float(value)) > 1e9:
         raise ValidationError(f"{label} is out of range: {rng}.", name)
-    snapped = snap(value)
+    snapped = snap(value, multiple)
     if snapped < MIN_SIDE or snapped > limit:
         raise ValidationError(f"{label} {float(value):g} is out of range: {rng}.", name)
     if snapped != value:
-        notes.append(f"{label} {float(value):g} was snapped to {snapped} (SD3 needs multiples of {SIZE_MULTIPLE}).")
+        why = "SD3 needs" if multiple == SIZE_MULTIPLE else "this model needs"
+        notes.append(f"{label} {float(value):g} was snapped to {snapped} ({why} multiples of {multiple}).")
     return snapped
 
 
@@ -219,7 +220,8 @@ def _check_styles(req: GenerationRequest, styles) -> tuple[str, str]:
     return prompt, negative
 
 
-def _check_hires(req: GenerationRequest, steps: int, width: int, height: int, limit: int, notes: list[str]):
+def _check_hires(req: GenerationRequest, steps: int, width: int, height: int, limit: int, notes: list[str],
+                 multiple: int = SIZE_MULTIPLE):
     """The hires fix's second pass (a HiresPlan), or None when ``hires_scale`` is off (None or 1).
 
     The scale is refused past the size limits naming the largest factor allowed; the upscaler's
@@ -235,7 +237,8 @@ def _check_hires(req: GenerationRequest, steps: int, width: int, height: int, li
     if req.mode not in ("txt2img", "turbo"):
         raise ValidationError("Hires fix runs in txt2img and Turbo; in img2img and inpaint set the size "
                               "instead (or upscale the result from the gallery).", "hires_scale")
-    w2, h2 = check_scale(width, height, scale, generation=True, field="hires_scale", max_side=limit)
+    w2, h2 = check_scale(width, height, scale, generation=True, field="hires_scale", max_side=limit,
+                         multiple=multiple)
     denoise = check_number("hires_denoise", LIMITS["hires_denoise"].default_for(req.mode)
                            if req.hires_denoise is None else req.hires_denoise)
     if req.hires_steps in (None, 0):  # half the first pass's, and enough for one step at this denoise
@@ -369,11 +372,13 @@ def _check_controls(req: GenerationRequest, variant: Variant, images: bool) -> l
 
 
 def validate(req: GenerationRequest, variant: Variant, max_side: int = MAX_SIDE,
-             native_size: tuple[int, int] = (1024, 1024), images: bool = True, styles=None) -> Resolved:
+             native_size: tuple[int, int] = (1024, 1024), images: bool = True, styles=None,
+             multiple: int = SIZE_MULTIPLE) -> Resolved:
     """Check a request against a variant and the loaded model's limits; fill in defaults.
 
     Raises ValidationError with a message that names the allowed range or the fix. Adjustments
-    that are safe (sizes snapped to 16, SLG off where it cannot run) are made and reported in
+    that are safe (sizes snapped to ``multiple``, the loaded model's ``size_multiple``: 16 for
+    every SD3 release; SLG off where it cannot run) are made and reported in
     ``notes``. ``images=False`` checks everything but the image inputs (a quick check before a
     model is loaded: the CLI and the service refuse a bad width before spending seconds loading).
     ``styles``: the StyleLibrary the request's style names are looked up in (None: only their
@@ -439,12 +444,12 @@ def validate(req: GenerationRequest, variant: Variant, max_side: int = MAX_SIDE,
             mask, padding = _check_mask(req, init_image, notes)
 
     # Size: default to the model's native size (img2img: the init image's, brought within the
-    # model's limits), then snap to 16 and bound.
+    # model's limits), then snap to the model's multiple and bound.
     width, height = req.width, req.height
     if mask is not None and req.only_masked and (width is None or height is None):
         from studio.engine.inpaint import plan
 
-        box = plan(mask, True, padding, native_size[0] * native_size[1], MIN_SIDE, limit)
+        box = plan(mask, True, padding, native_size[0] * native_size[1], MIN_SIDE, limit, multiple=multiple)
         width = box.size[0] if width is None else width
         height = box.size[1] if height is None else height
     if init_image is not None and (width is None or height is None):
@@ -455,7 +460,7 @@ def validate(req: GenerationRequest, variant: Variant, max_side: int = MAX_SIDE,
         height = h0 * scale if height is None else height
     width = native_size[0] if width is None else width
     height = native_size[1] if height is None else height
-    width, height = _size("width", width, limit, notes), _size("height", height, limit, notes)
+    width, height = _size("width", width, limit, notes, multiple), _size("height", height, limit, notes, multiple)
     pixels = width * height
     if not variant.min_pixels <= pixels <= variant.max_pixels and native_size[0] >= 512:
         notes.append(
@@ -463,7 +468,7 @@ def validate(req: GenerationRequest, variant: Variant, max_side: int = MAX_SIDE,
             f"(about {variant.min_pixels / 1e6:.2f}–{variant.max_pixels / 1e6:.1f} MP); expect weaker images."
         )
 
-    hires = _check_hires(req, steps, width, height, limit, notes)
+    hires = _check_hires(req, steps, width, height, limit, notes, multiple)
     controls = _check_controls(req, variant, images)
 
     slg = None

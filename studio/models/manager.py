@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from studio.catalog import VARIANTS, Variant, get_variant, variant_for_transformer_config
+from studio.catalog import VARIANTS, SizeRules, Variant, get_variant, size_rules, variant_for_transformer_config
 from studio.config import StudioConfig
 from studio.demo.tiny import build_tiny_family, tiny_variant_of
 from studio.errors import ModelError
@@ -76,10 +76,19 @@ class LoadedModel:
         return side, side
 
     @property
+    def size_rules(self) -> SizeRules:
+        """The sizes this model accepts (``catalog.size_rules``)."""
+        return size_rules(self.pipe.transformer.config, self.pipe.vae_scale_factor)
+
+    @property
     def max_side(self) -> int:
         """The largest side in pixels the transformer's position embedding covers."""
-        cfg = self.pipe.transformer.config
-        return cfg.pos_embed_max_size * cfg.patch_size * self.pipe.vae_scale_factor
+        return self.size_rules.max_side
+
+    @property
+    def size_multiple(self) -> int:
+        """What every side must be a multiple of (16 for SD3; the VAE's factor × the patch size)."""
+        return self.size_rules.multiple
 
     @property
     def dtype(self):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass, field
 
-from studio.catalog import DEFAULT_VARIANT, TURBO_VARIANT, VARIANTS, Variant
+from studio.catalog import DEFAULT_VARIANT, TURBO_VARIANT, VARIANTS, SizeRules, Variant
 from .jobs import Jobs
 
 
@@ -62,8 +62,8 @@ class UIContext:
             return current.variant.name
         return self.studio.config.variant or DEFAULT_VARIANT
 
-    def size_limit(self, mode: str) -> tuple[int, str]:
-        """(the largest side, the model's name) for the model a tab of ``mode`` generates with."""
+    def size_limit(self, mode: str) -> tuple[SizeRules, str]:
+        """(the sizes it accepts, the model's name) for the model a tab of ``mode`` generates with."""
         name = TURBO_VARIANT if mode == "turbo" else self.variant_for_request()
         current = self.current()
         if current is not None and (name is None or current.variant.name == name):
@@ -71,7 +71,7 @@ class UIContext:
         else:
             variant = VARIANTS.get(name or self.studio.config.variant or DEFAULT_VARIANT)
             label = (variant.label if variant else "the model") + (" (tiny demo)" if self.studio.config.demo else "")
-        return self.studio.max_side_for(name), label
+        return self.studio.size_rules_for(name), label
 
     def lora_where(self) -> str:
         """Where LoRA files go, as the LoRA panel says it (no server path on shared deployments)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from studio.catalog import ASPECT_PRESETS, MAX_SIDE, VARIANTS
+from studio.catalog import ASPECT_PRESETS, SIZE_MULTIPLE, VARIANTS, SizeRules
 from studio.engine.limits import LIMITS, snap
 from studio.engine.samplers import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES
 from studio.engine.stepcache import SPEED_DEFAULT, SPEED_HELP, SPEED_MODES
@@ -103,13 +103,15 @@ class SeedRow:
                          self.seed, queue=False, api_visibility="private")
 
 
-def preset_sizes(max_side: int) -> dict[str, tuple[int, int]]:
-    """The aspect presets (ratio → width, height) for a model whose largest side is ``max_side``:
-    the catalog's sizes, or scaled down to fit (aspect kept, snapped to 16) where they are larger."""
+def preset_sizes(max_side: int, multiple: int = SIZE_MULTIPLE) -> dict[str, tuple[int, int]]:
+    """The aspect presets (ratio → width, height) for a model whose largest side is ``max_side``
+    and whose sides are multiples of ``multiple``: the catalog's sizes, or scaled down to fit
+    (aspect kept, snapped to the multiple) where they are larger."""
     out = {}
     for name, (w, h) in ASPECT_PRESETS.items():
         scale = min(1.0, max_side / max(w, h))
-        out[name.split(" ", 1)[0]] = (min(max_side, snap(w * scale)), min(max_side, snap(h * scale)))
+        out[name.split(" ", 1)[0]] = (min(max_side, snap(w * scale, multiple)),
+                                      min(max_side, snap(h * scale, multiple)))
     return out
 
 
@@ -119,15 +121,15 @@ class SizeGroup:
     The first choice means "let the engine decide" (the model's native size for txt2img — the
     tiny demo's is 256² — or the init image's size for img2img): width and height go as None.
     The presets' values are their ratios ("16:9"); their sizes come from ``limit()`` — (the
-    largest side the tab's model accepts, its name) — so a model with a smaller range gets the
-    presets scaled to fit, and the dropdown says so. Width/height show for Custom only; the
-    engine snaps them to multiples of 16 and says so.
+    SizeRules of the tab's model, its name) — so a model with a smaller range gets the presets
+    scaled to fit, and the dropdown says so. Width/height show for Custom only; the engine snaps
+    them to the model's multiple (16 for SD3) and says so.
     """
 
     def __init__(self, prefix: str, native_label: str = NATIVE, native_size=None, limit=None):
         self.native_label = native_label
         self.native_size = native_size
-        self.limit = limit or (lambda: (MAX_SIDE, "the model"))
+        self.limit = limit or (lambda: (SizeRules(), "the model"))
         self.aspect = gr.Dropdown(**self.choices(), value=native_label, label="Size", elem_id=f"{prefix}-aspect")
         with gr.Row(visible=False) as self.custom_row:
             self.width = gr.Number(value=1024, label="Width", precision=0, step=16, elem_id=f"{prefix}-width")
@@ -137,12 +139,14 @@ class SizeGroup:
 
     def presets(self) -> dict[str, tuple[int, int]]:
         """Ratio → (width, height) for the tab's model now."""
-        return preset_sizes(self.limit()[0])
+        rules = self.limit()[0]
+        return preset_sizes(rules.max_side, rules.multiple)
 
     def choices(self) -> dict:
         """The dropdown's choices and note for the model the tab generates with now."""
-        max_side, name = self.limit()
-        presets = preset_sizes(max_side)
+        rules, name = self.limit()
+        max_side = rules.max_side
+        presets = preset_sizes(max_side, rules.multiple)
         scaled = any(presets[n.split(" ", 1)[0]] != wh for n, wh in ASPECT_PRESETS.items())
         info = (f"Presets scaled to fit {max_side} px, the largest side {name} accepts." if scaled else None)
         return dict(choices=[self.native_label, *((f"{r} ({w}×{h})", r) for r, (w, h) in presets.items()), CUSTOM],
