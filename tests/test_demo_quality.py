@@ -51,3 +51,47 @@ def test_colour_fractions_label_the_palette_and_leave_soft_edges_unlabelled():
 
     f = quality.colour_fractions(Image.fromarray(image))
     assert abs(f["red"] - 0.5) < 1e-6 and abs(f["none"] - 0.5) < 1e-6
+
+
+class _FakeVAE:
+    """encode/decode as diffusers' AutoencoderKL answers them; ``decode`` applies ``change``."""
+
+    def __init__(self, change=lambda x: x):
+        import torch
+
+        self.dtype = torch.float32
+        self.change = change
+
+    def encode(self, x):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=x))
+
+    def decode(self, z):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(sample=self.change(z))
+
+
+def test_the_vae_round_trip_is_the_ceiling_it_leaves_the_transformer():
+    """A lossless VAE leaves every measure at 100 %; one that shifts red towards orange (what the
+    shipped VAE's first decoder did to small objects) fails the colour of the red ones."""
+    import torch
+
+    scenes = quality.held_out_scenes(24, seed=7)
+    perfect = quality.round_trip(_FakeVAE(), scenes, batch=8)
+    assert perfect == {"n": 24, "colour": 1.0, "shape": perfect["shape"], "position": 1.0, "background": 1.0}
+    assert perfect["shape"] >= 0.9
+
+    def orange(x):  # red (220, 40, 40)-ish pixels get orange's green channel
+        red = (x[:, 0] > 0.5) & (x[:, 1] < -0.3) & (x[:, 2] < -0.3)
+        y = x.clone()
+        y[:, 1][red] = 0.0
+        return y
+
+    scenes = [s for s in scenes if s.background != "red"]  # only the objects' red changes
+    drift = quality.round_trip(_FakeVAE(orange), scenes, batch=8)
+    reds = sum(s.objects[0].colour == "red" for s in scenes)
+    assert reds and abs(drift["colour"] - (1 - reds / len(scenes))) < 1e-9, (drift, reds)
+    table = quality.table({**perfect, "n": 24}, drift)
+    assert "VAE round trip" in table and f"{drift['colour']:.1%}" in table

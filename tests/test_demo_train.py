@@ -95,21 +95,23 @@ def test_kohya_export_is_exactly_the_peft_lora(quick_run):
 
 
 def test_the_vae_can_train_on_crops_of_the_scenes():
-    """``vae_crop``: the convolutional VAE learns from random crops (on the 8-pixel latent grid,
-    half of them near the middle where objects sit) and still encodes whole 256² pictures."""
+    """``vae_crop``: the convolutional VAE learns from random crops (on the latent grid — 16
+    pixels for the five-block VAE —, half of them near the middle where objects sit) and still
+    encodes whole 256² pictures."""
     import dataclasses
 
     import numpy as np
     import torch
 
+    from studio.catalog import vae_factor
     from studio.demo import shapes
     from studio.demo.train import Log, Recipe, _crops, _flat_fields, _to_tensor, train_vae
 
     x = _to_tensor([shapes.render(shapes.sample_scene(np.random.default_rng(i))) for i in range(2)])
-    crops = _crops(x, 64, 3, np.random.default_rng(0))
+    crops = _crops(x, 64, 3, np.random.default_rng(0), grid=16)
     assert crops.shape == (6, 3, 64, 64)
-    for c in crops[:3]:  # each crop is a window of its picture at a multiple of 8
-        hits = [(t, left) for t in range(0, 193, 8) for left in range(0, 193, 8)
+    for c in crops[:3]:  # each crop is a window of its picture at a multiple of 16
+        hits = [(t, left) for t in range(0, 193, 16) for left in range(0, 193, 16)
                 if torch.equal(x[0, :, t:t + 64, left:left + 64], c)]
         assert hits
     flat = _flat_fields(crops, 0.5, np.random.default_rng(0))
@@ -119,7 +121,8 @@ def test_the_vae_can_train_on_crops_of_the_scenes():
     assert vae.config.mid_block_add_attention is False
     with torch.no_grad():
         z = vae.encode(x).latent_dist.mean
-    assert z.shape == (2, 16, shapes.SIZE // 8, shapes.SIZE // 8) and torch.isfinite(z).all()
+    side = shapes.SIZE // vae_factor(recipe.vae_channels)
+    assert z.shape == (2, 16, side, side) and torch.isfinite(z).all()
 
 
 def test_set_reads_booleans_and_tuples(monkeypatch, tmp_path):
@@ -195,3 +198,67 @@ def test_the_decoder_stage_trains_the_decoder_alone():
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("encoder."))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
     assert not vae.training and log.record["stages"]["decoder"]["steps"] == 2
+
+
+def test_the_reconstruction_loss_weighs_object_pixels():
+    """``decoder_object_weight``: the same error costs more on an object than on the background
+    (a small object's colour otherwise drifts), and a uniform weight changes nothing."""
+    import torch
+
+    from studio.demo.train import _reconstruction_loss
+
+    x = torch.zeros(1, 3, 8, 8)
+    near = torch.zeros(1, 1, 8, 8)
+    near[..., :2, :2] = 1  # the object: 4 of 64 pixels
+    on_object, on_background = x.clone(), x.clone()
+    on_object[..., :2, :2] = 0.5
+    on_background[..., 6:, 6:] = 0.5
+    w = 1 + 10 * near
+    assert _reconstruction_loss(on_object, x, w) > 5 * _reconstruction_loss(on_background, x, w)
+    assert _reconstruction_loss(on_object, x) == _reconstruction_loss(on_background, x)
+    assert torch.isclose(_reconstruction_loss(on_object, x, torch.full_like(near, 3.0)),
+                         _reconstruction_loss(on_object, x))
+
+
+def test_the_low_resolution_steps_train_on_128_pixel_latents_first(quick_run):
+    """``low_steps``: the same scenes encoded at ``low_size`` (16×16 latents for 128 px), trained
+    on before the full-size steps, under one learning-rate schedule; the saved transformer keeps
+    the native 256 px."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from studio.demo import shapes, trained_folder
+    from studio.demo.train import encode_scenes
+
+    out, record = quick_run
+    stage = record["stages"]["transformer"]
+    assert (stage["low_steps"], stage["steps"]) == (2, 2) and len(stage["loss_curve"]) == 4
+    folder = trained_folder(out)
+    assert json.loads((folder / "transformer" / "config.json").read_text())["sample_size"] == 32
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
+    scenes = shapes.scenes(1, 2)
+    low, masks = encode_scenes(vae, scenes, False, size=128)
+    full, _ = encode_scenes(vae, scenes, False)
+    assert low.shape == (2, 16, 16, 16) and masks.shape == (2, 1, 16, 16) and full.shape[-1] == 32
+    assert torch.isfinite(low).all()
+
+
+def test_reused_stages_keep_their_figures_in_training_json(quick_run, tmp_path):
+    """``--vae-from`` / ``--transformer-from``: the new training.json carries the reused stages'
+    figures from the training.json beside that folder, each saying where it came from."""
+    import torch
+
+    from studio.demo import trained_folder
+    from studio.demo.train import Recipe, train
+
+    out, first = quick_run
+    folder = trained_folder(out)
+    threads = torch.get_num_threads()
+    try:
+        record = train(tmp_path / "again", Recipe.quick(seed=3), vae_from=folder, transformer_from=folder,
+                       bf16=False, quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+    for stage in ("vae", "decoder", "transformer"):
+        assert record["stages"][stage] == {**first["stages"][stage], "from": str(folder)}, stage
+    assert "from" not in record["stages"]["lora"], "the LoRA was trained by this run"

@@ -13,6 +13,10 @@ images:
 
 Each pixel is labelled with the nearest palette colour (``shapes.COLOURS`` plus grey); pixels far
 from every palette colour (soft edges) are left unlabelled.
+
+The same measures on the held-out scenes' own pictures after the VAE's encode and decode
+(:func:`round_trip`) are the ceiling the VAE leaves the transformer: a transformer that drew every
+latent perfectly would score them. The table prints both.
 """
 
 from __future__ import annotations
@@ -178,6 +182,39 @@ def held_out_scenes(count: int, seed: int = QUALITY_SEED) -> list[shapes.Scene]:
     return [shapes.sample_scene(rng, held_out=True) for _ in range(count)]
 
 
+def score(scene: shapes.Scene, image) -> tuple[Reading, dict[str, bool]]:
+    """The reading of one picture of ``scene`` and which measures it meets."""
+    obj = scene.objects[0]
+    r = read_image(image, obj.colour, scene.background_rgb)
+    return r, {
+        "colour": r.dominant == obj.colour,
+        "shape": r.shape == obj.shape,
+        "position": r.position == obj.position,
+        "background": r.background == (scene.background or "grey"),
+    }
+
+
+def round_trip(vae, scenes, batch: int = 16) -> dict:
+    """The measures on the scenes' own pictures encoded and decoded by ``vae`` (the mean latent):
+    the most the transformer can score through this VAE."""
+    import torch
+    from PIL import Image
+
+    hits = {"colour": 0, "shape": 0, "position": 0, "background": 0}
+    for start in range(0, len(scenes), batch):
+        chunk = scenes[start:start + batch]
+        x = torch.stack([torch.from_numpy(np.asarray(shapes.render(s), np.float32) / 127.5 - 1).permute(2, 0, 1)
+                         for s in chunk])
+        with torch.no_grad():
+            y = vae.decode(vae.encode(x.to(vae.dtype)).latent_dist.mean).sample.float().clamp(-1, 1)
+        for scene, t in zip(chunk, y):
+            image = Image.fromarray(((t.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8))
+            for k, v in score(scene, image)[1].items():
+                hits[k] += v
+    n = max(len(scenes), 1)
+    return {"n": len(scenes), **{k: v / n for k, v in hits.items()}}
+
+
 def measure(pipe, scenes, seed: int = QUALITY_SEED, batch: int = 8, steps: int = STEPS,
             guidance: float = GUIDANCE, save_dir: Path | None = None, **call_kwargs) -> dict:
     """Generate one image a scene (seed + its index) and score it; returns the fractions."""
@@ -191,18 +228,10 @@ def measure(pipe, scenes, seed: int = QUALITY_SEED, batch: int = 8, steps: int =
         images = pipe([s.prompt for s in chunk], num_inference_steps=steps, guidance_scale=guidance,
                       height=shapes.SIZE, width=shapes.SIZE, generator=generators, **call_kwargs).images
         for i, (scene, image) in enumerate(zip(chunk, images)):
-            obj = scene.objects[0]
-            r = read_image(image, obj.colour, scene.background_rgb)
-            ok = {
-                "colour": r.dominant == obj.colour,
-                "shape": r.shape == obj.shape,
-                "position": r.position == obj.position,
-                "background": r.background == (scene.background or "grey"),
-            }
+            r, ok = score(scene, image)
             for k, v in ok.items():
                 hits[k] += v
-            rows.append({"prompt": scene.prompt, **{k: bool(v) for k, v in ok.items()},
-                         "read": r.__dict__})
+            rows.append({"prompt": scene.prompt, **ok, "read": r.__dict__})
             if save_dir is not None:
                 save_dir.mkdir(parents=True, exist_ok=True)
                 image.save(save_dir / f"{start + i:03d}.png")
@@ -210,14 +239,17 @@ def measure(pipe, scenes, seed: int = QUALITY_SEED, batch: int = 8, steps: int =
     return {"n": len(scenes), **{k: v / n for k, v in hits.items()}, "rows": rows}
 
 
-def table(result: dict) -> str:
-    """The figures as a text table, each against its goal."""
-    lines = [f"{'measure':<11} {'figure':>7} {'goal':>6}  met", "-" * 32]
+def table(result: dict, ceiling: dict | None = None) -> str:
+    """The figures as a text table, each against its goal (and the VAE's ceiling, when given:
+    :func:`round_trip`)."""
+    head = f"{'measure':<11} {'figure':>7} {'goal':>6}  met"
+    lines = [head + (f"  {'VAE round trip':>14}" if ceiling else ""), "-" * (32 + (16 if ceiling else 0))]
     for key in ("colour", "position", "shape", "background"):
         goal = GOALS.get(key)
         met = "" if goal is None else ("yes" if result[key] >= goal else "NO")
         goal_text = "" if goal is None else f"{goal:.0%}"
-        lines.append(f"{key:<11} {result[key]:>7.1%} {goal_text:>6}  {met}")
+        line = f"{key:<11} {result[key]:>7.1%} {goal_text:>6}  {met:<3}"
+        lines.append((line + f"  {ceiling[key]:>14.1%}" if ceiling else line).rstrip())
     lines.append(f"({result['n']} held-out images, 256², {STEPS} steps, CFG {GUIDANCE:g})")
     return "\n".join(lines)
 
@@ -279,8 +311,10 @@ def main(argv=None) -> int:
     pipe = StableDiffusion3Pipeline.from_pretrained(folder, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     started = time.time()
-    result = measure(pipe, held_out_scenes(args.count, args.seed), seed=args.seed, save_dir=args.save)
-    print(table(result))
+    scenes = held_out_scenes(args.count, args.seed)
+    result = measure(pipe, scenes, seed=args.seed, save_dir=args.save)
+    result["vae_round_trip"] = round_trip(pipe.vae, scenes)
+    print(table(result, result["vae_round_trip"]))
     print(f"measured in {time.time() - started:.0f} s")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

@@ -7,11 +7,13 @@ procedural shapes (``studio.demo.shapes``) so that ``--demo`` draws what it is a
    convs) as a plain autoencoder on the mean latent, on 64-px crops, a quarter of them flat
    fields (``vae_crop``, ``vae_flat``; 0: whole pictures), with a penalty that keeps the scaled
    latents near zero mean and unit variance, which flow matching expects; then the decoder alone
-   on whole scenes (``decoder_steps``), the encoder frozen;
+   on whole scenes (``decoder_steps``), the encoder frozen, the pixels on and around objects
+   weighted ``1 + decoder_object_weight``;
 2. the latents of ``--scenes`` pictures, cached once, with their left↔right mirrors (latent
    flipped, "left"/"right" swapped in the prompt);
 3. the transformer (``SD3Transformer2DModel``, qk RMS-norm, dual attention in the first two
-   blocks) by rectified flow matching: timesteps logit-normal (or ``timesteps=uniform``),
+   blocks) by rectified flow matching, first ``low_steps`` on the scenes at 128² (a quarter of
+   the image tokens), then ``steps`` at 256²: timesteps logit-normal (or ``timesteps=uniform``),
    shifted by the scheduler's 3.0; 10 % of prompts dropped to "" so classifier-free guidance
    works; an EMA of the weights is what is saved;
 4. a LoRA (``purple-world``: every picture on a purple background) on the trained transformer,
@@ -39,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from studio.catalog import vae_factor
 from studio.demo import KOHYA_LORA_FILE, LORA_FILE, PIPELINE_DIR, shapes
 
 LOG_FILE = "training.json"
@@ -62,10 +65,13 @@ class Recipe:
     # GroupNorm VAE that never sees a flat field maps flat red, yellow and orange to one colour
     vae_flat: float = 0.25
     # then the decoder alone, on whole 256² scenes (encoder frozen: the latents do not change),
-    # with latent noise up to decoder_noise: crops teach colours, whole scenes teach the layout
-    decoder_steps: int = 250
+    # with latent noise up to decoder_noise: crops teach colours, whole scenes teach the layout;
+    # the pixels on and near an object weigh 1 + decoder_object_weight (a small object is a
+    # few hundred of 65,536 pixels: unweighted, its colour drifts, red to orange)
+    decoder_steps: int = 400
     decoder_lr: float = 5e-4
     decoder_noise: float = 0.5
+    decoder_object_weight: float = 10.0
     # the data
     scenes: int = 6000
     two_objects: float = 0.2
@@ -74,7 +80,12 @@ class Recipe:
     heads: int = 4
     head_dim: int = 32
     dual_layers: tuple[int, ...] = (0, 1)
-    steps: int = 1000
+    steps: int = 300
+    # steps before those, at half the resolution (128², 64 image tokens: about half a step's
+    # wall time here), SD3's own progressive recipe: the centre-cropped position embedding carries
+    # over; 1,200 + 300 drew better than 1,000 at 256² in about the same time (assets/demo/README.md)
+    low_steps: int = 1200
+    low_size: int = 128
     batch: int = 24
     lr: float = 1e-3
     warmup: int = 60
@@ -101,16 +112,18 @@ class Recipe:
     @classmethod
     def quick(cls, seed: int = 0) -> Recipe:
         """A smoke run: a few steps of every stage."""
-        return cls(seed=seed, vae_steps=2, vae_batch=2, decoder_steps=2, scenes=8, steps=2, batch=4, warmup=1,
-                   lora_steps=2, lora_batch=2, lora_scenes=4)
+        return cls(seed=seed, vae_steps=2, vae_batch=2, decoder_steps=2, scenes=8, steps=2, low_steps=2, batch=4,
+                   warmup=1, lora_steps=2, lora_batch=2, lora_scenes=4)
 
 
-def transformer_config(recipe: Recipe) -> dict:
-    """Shaped like the tiny sd3.5-medium (``studio.demo.tiny``), larger."""
+def transformer_config(recipe: Recipe, factor: int | None = None) -> dict:
+    """Shaped like the tiny sd3.5-medium (``studio.demo.tiny``), larger; ``factor``: the VAE's
+    (default: the recipe's VAE)."""
     from studio.demo.tiny import _dims
 
+    factor = factor or vae_factor(recipe.vae_channels)
     return {
-        "sample_size": shapes.SIZE // 8,
+        "sample_size": shapes.SIZE // factor,
         "patch_size": 2,
         "in_channels": 16,
         "out_channels": 16,
@@ -204,9 +217,10 @@ def _cosine(step: int, total: int, warmup: int, final: float) -> float:
 # 1. the VAE
 
 
-def _crops(x, size: int, per_image: int, rng):
-    """``per_image`` random ``size``-pixel crops of each image of the batch ``x`` (on the 8-pixel
-    latent grid), biased towards the objects: half the crops are centred near the image centre."""
+def _crops(x, size: int, per_image: int, rng, grid: int = 8):
+    """``per_image`` random ``size``-pixel crops of each image of the batch ``x`` (on the
+    ``grid``-pixel latent grid), biased towards the objects: half the crops are centred near the
+    image centre."""
     import torch
 
     side = x.shape[-1]
@@ -217,7 +231,7 @@ def _crops(x, size: int, per_image: int, rng):
                 lo, hi = side // 4 - size // 2, 3 * side // 4 - size // 2
             else:
                 lo, hi = 0, side - size
-            top, left = (int(rng.integers(max(lo, 0) // 8, max(hi, 0) // 8 + 1)) * 8 for _ in range(2))
+            top, left = (int(rng.integers(max(lo, 0) // grid, max(hi, 0) // grid + 1)) * grid for _ in range(2))
             out.append(img[:, top:top + size, left:left + size])
     return torch.stack(out)
 
@@ -236,9 +250,14 @@ def _flat_fields(x, fraction: float, rng):
     return x
 
 
-def _reconstruction_loss(y, x):
-    """What the VAE and decoder stages minimise: MSE plus half the mean absolute error."""
-    return (y - x).pow(2).mean() + 0.5 * (y - x).abs().mean()
+def _reconstruction_loss(y, x, weight=None):
+    """What the VAE and decoder stages minimise: MSE plus half the mean absolute error, per pixel
+    weighted by ``weight`` (normalised by its mean, so the scale stays the unweighted one's)."""
+    d = y - x
+    per_pixel = d.pow(2) + 0.5 * d.abs()
+    if weight is None:
+        return per_pixel.mean()
+    return (per_pixel * weight).mean() / weight.mean()
 
 
 def train_vae(recipe: Recipe, log: Log, bf16: bool):
@@ -260,7 +279,7 @@ def train_vae(recipe: Recipe, log: Log, bf16: bool):
         batch = [shapes.sample_scene(rng, two_objects=0.4) for _ in range(recipe.vae_batch)]
         x = _to_tensor([shapes.render(s) for s in batch])
         if recipe.vae_crop:
-            x = _crops(x, recipe.vae_crop, recipe.vae_crops, rng)
+            x = _crops(x, recipe.vae_crop, recipe.vae_crops, rng, vae_factor(recipe.vae_channels))
             if recipe.vae_flat:
                 x = _flat_fields(x, recipe.vae_flat, rng)
         with _autocast(bf16):
@@ -305,14 +324,17 @@ def finetune_decoder(vae, recipe: Recipe, log: Log, bf16: bool):
     for step in range(recipe.decoder_steps):
         for group in opt.param_groups:
             group["lr"] = recipe.decoder_lr * _cosine(step, recipe.decoder_steps, 10, 0.1)
-        x = _to_tensor([shapes.render(shapes.sample_scene(rng, two_objects=0.4)) for _ in range(recipe.vae_batch)])
+        batch = [shapes.sample_scene(rng, two_objects=0.4) for _ in range(recipe.vae_batch)]
+        x = _to_tensor([shapes.render(s) for s in batch])
+        near = np.stack([np.asarray(shapes.object_mask(s), dtype=np.float32) / 255 for s in batch])
+        near = torch.nn.functional.max_pool2d(torch.from_numpy(near)[:, None], 5, 1, 2)  # and 2 px around
         with torch.no_grad(), _autocast(bf16):
             z = (vae.encode(x).latent_dist.mean.float() - shift) * scale
         noise = recipe.decoder_noise * torch.rand(len(x), 1, 1, 1, generator=gen)
         z = z + noise * torch.randn(z.shape, generator=gen)
         with _autocast(bf16):
             y = vae.decode(z / scale + shift).sample.float()
-        loss = _reconstruction_loss(y, x)
+        loss = _reconstruction_loss(y, x, 1 + recipe.decoder_object_weight * near)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -381,20 +403,22 @@ class TextCache:
         return embeds, pooled
 
 
-def encode_scenes(vae, scenes, bf16: bool, batch: int = 32, render=shapes.render):
-    """Scaled mean latents ((z - shift) * scale) of the rendered scenes, and where the objects
-    are at latent resolution (coverage, grown by one latent pixel)."""
+def encode_scenes(vae, scenes, bf16: bool, batch: int = 32, render=shapes.render, size: int = shapes.SIZE):
+    """Scaled mean latents ((z - shift) * scale) of the scenes rendered at ``size`` pixels
+    (``render(scene, size)``), and where the objects are at latent resolution (coverage, grown
+    by one latent pixel)."""
     import torch
 
     out, masks = [], []
     scale, shift = vae.config.scaling_factor, vae.config.shift_factor
+    side = size // vae_factor(vae.config.block_out_channels)
     for i in range(0, len(scenes), batch):
         chunk = scenes[i:i + batch]
-        x = _to_tensor([render(s) for s in chunk])
+        x = _to_tensor([render(s, size) for s in chunk])
         with torch.no_grad(), _autocast(bf16):
             z = vae.encode(x).latent_dist.mean.float()
         out.append((z - shift) * scale)
-        m = np.stack([np.asarray(shapes.object_mask(s, shapes.SIZE // 8), dtype=np.float32) / 255 for s in chunk])
+        m = np.stack([np.asarray(shapes.object_mask(s, side), dtype=np.float32) / 255 for s in chunk])
         masks.append(torch.nn.functional.max_pool2d(torch.from_numpy(m)[:, None], 3, 1, 1))
     return torch.cat(out), torch.cat(masks)
 
@@ -451,14 +475,16 @@ def _update_ema(ema, model, decay: float) -> None:
             e.lerp_(p, 1 - decay)
 
 
-def train_transformer(recipe: Recipe, latents, masks, prompts, text: TextCache, log: Log, bf16: bool):
+def train_transformer(recipe: Recipe, latents, masks, prompts, text: TextCache, log: Log, bf16: bool,
+                      low=None):
     """Train the transformer by rectified flow matching on the cached latents; returns the EMA weights
-    and the figures."""
+    and the figures. ``low``: (latents, masks) of the same scenes at ``low_size``, trained on for
+    the first ``low_steps`` steps (one learning-rate schedule over both)."""
     import torch
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(recipe.seed + 10)
-    model = SD3Transformer2DModel(**transformer_config(recipe))
+    model = SD3Transformer2DModel(**transformer_config(recipe, shapes.SIZE // latents.shape[-1]))
     ema = copy.deepcopy(model).requires_grad_(False)
     log(f"transformer: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.99))
@@ -468,16 +494,19 @@ def train_transformer(recipe: Recipe, latents, masks, prompts, text: TextCache, 
     order = torch.randperm(n, generator=gen)
     cursor = 0
     losses, full_losses = [], []
+    first = recipe.low_steps if low is not None else 0
+    total = first + recipe.steps
     model.train()
-    for step in range(recipe.steps):
+    for step in range(total):
         for group in opt.param_groups:
-            group["lr"] = recipe.lr * _cosine(step, recipe.steps, recipe.warmup, recipe.final_lr)
+            group["lr"] = recipe.lr * _cosine(step, total, recipe.warmup, recipe.final_lr)
         if cursor + recipe.batch > n:
             order, cursor = torch.randperm(n, generator=gen), 0
         idx = order[cursor:cursor + recipe.batch]
         cursor += recipe.batch
         flip = torch.rand(len(idx), generator=gen) < 0.5
-        x, m = latents[idx].clone(), masks[idx].clone()
+        source, source_masks = low if step < first else (latents, masks)
+        x, m = source[idx].clone(), source_masks[idx].clone()
         x[flip], m[flip] = x[flip].flip(-1), m[flip].flip(-1)
         batch_prompts = []
         for i, f in zip(idx.tolist(), flip.tolist()):
@@ -500,15 +529,15 @@ def train_transformer(recipe: Recipe, latents, masks, prompts, text: TextCache, 
         losses.append(loss.item())
         if not short:
             full_losses.append(loss.item())
-        if step % 25 == 0 or step == recipe.steps - 1:
-            log(f"transformer {step + 1}/{recipe.steps}: loss {np.mean(losses[-50:]):.4f} "
+        if step % 25 == 0 or step == total - 1:
+            log(f"transformer {step + 1}/{total}{' (low)' if step < first else ''}: loss {np.mean(losses[-50:]):.4f} "
                 f"(full context {np.mean(full_losses[-15:]) if full_losses else float('nan'):.4f}), "
                 f"lr {opt.param_groups[0]['lr']:.2e}")
     log.record["stages"]["transformer"] = {
-        "steps": recipe.steps, "batch": recipe.batch,
+        "steps": recipe.steps, "low_steps": first, "batch": recipe.batch,
         "final_loss": float(np.mean(losses[-100:])),
         "loss_curve": [round(float(np.mean(losses[max(0, i - 50):i + 1])), 4)
-                       for i in range(0, recipe.steps, max(1, recipe.steps // 20))],
+                       for i in range(0, total, max(1, total // 20))],
         "minutes": round(log.elapsed() / 60, 2),
     }
     return ema.eval()
@@ -571,7 +600,7 @@ def train_lora(recipe: Recipe, transformer, vae, text: TextCache, log: Log, bf16
     from peft import LoraConfig, get_peft_model_state_dict
 
     scenes = _lora_scenes(recipe)
-    latents, _ = encode_scenes(vae, scenes, bf16, render=lambda s: shapes.render(purple_world(s)))
+    latents, _ = encode_scenes(vae, scenes, bf16, render=lambda s, size: shapes.render(purple_world(s), size))
     prompts = [s.prompt for s in scenes]
     text.add(prompts)
     model = copy.deepcopy(transformer)
@@ -650,6 +679,18 @@ def assemble(transformer, vae):
     return StableDiffusion3Pipeline(transformer=transformer, **shared)
 
 
+def _stages_of(folder: Path, names: tuple[str, ...]) -> dict:
+    """The ``names`` stages of the training.json beside a reused pipeline folder (in it or its
+    parent, where ``train`` writes it), each marked with where it came from; {} when none."""
+    for candidate in (Path(folder) / LOG_FILE, Path(folder).parent / LOG_FILE):
+        try:
+            stages = json.loads(candidate.read_text())["stages"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        return {n: {**stages[n], "from": str(folder)} for n in names if isinstance(stages.get(n), dict)}
+    return {}
+
+
 def train(out: Path, recipe: Recipe, *, vae_from: Path | None = None, transformer_from: Path | None = None,
           bf16: bool | None = None, quiet: bool = False) -> dict:
     """Run every stage into ``out`` (the pipeline folder, both LoRA layouts, training.json); returns
@@ -667,6 +708,7 @@ def train(out: Path, recipe: Recipe, *, vae_from: Path | None = None, transforme
     if vae_from:
         vae = AutoencoderKL.from_pretrained(vae_from, subfolder="vae").eval()
         log(f"vae from {vae_from}")
+        log.record["stages"].update(_stages_of(vae_from, ("vae", "decoder")))
     else:
         vae = train_vae(recipe, log, bf16)
     pipe = assemble(None, vae)
@@ -675,14 +717,16 @@ def train(out: Path, recipe: Recipe, *, vae_from: Path | None = None, transforme
     if transformer_from:
         transformer = SD3Transformer2DModel.from_pretrained(transformer_from, subfolder="transformer").eval()
         log(f"transformer from {transformer_from}")
+        log.record["stages"].update(_stages_of(transformer_from, ("latents", "transformer")))
     else:
         scenes = shapes.scenes(recipe.seed + 20, recipe.scenes, two_objects=recipe.two_objects)
         latents, masks = encode_scenes(vae, scenes, bf16)
+        low = encode_scenes(vae, scenes, bf16, size=recipe.low_size) if recipe.low_steps else None
         log(f"cached {len(scenes)} latents: mean {latents.mean():+.3f}, std {latents.std():.3f}")
         log.record["stages"]["latents"] = {"scenes": len(scenes), "mean": float(latents.mean()),
                                            "std": float(latents.std()), "minutes": round(log.elapsed() / 60, 2)}
-        transformer = train_transformer(recipe, latents, masks, [s.prompt for s in scenes], text, log, bf16)
-        del latents, masks
+        transformer = train_transformer(recipe, latents, masks, [s.prompt for s in scenes], text, log, bf16, low)
+        del latents, masks, low
 
     pipe = assemble(transformer, vae)
     out.mkdir(parents=True, exist_ok=True)
