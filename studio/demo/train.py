@@ -22,8 +22,8 @@ procedural shapes (``studio.demo.shapes``) so that ``--demo`` draws what it is a
 The text encoders and tokenizers are the shared tiny ones (``studio.demo.tiny``), frozen, so they
 stay bit-identical across the demo variants. Everything is deterministic from ``--seed`` for a
 given machine and thread count; the step counts are fixed (not timed) for that reason. The
-defaults took 74 minutes on this project's two CPU cores (assets/demo/README.md), over the
-45-minute goal. ``--quick`` runs every stage for a few steps.
+defaults take about 60 minutes on this project's two CPU cores, the stages run alone
+(assets/demo/README.md), over the 45-minute goal. ``--quick`` runs every stage for a few steps.
 """
 
 from __future__ import annotations
