@@ -196,19 +196,19 @@ def score(scene: shapes.Scene, image) -> tuple[Reading, dict[str, bool]]:
 
 def round_trip(vae, scenes, batch: int = 16) -> dict:
     """The measures on the scenes' own pictures encoded and decoded by ``vae`` (the mean latent):
-    the most the transformer can score through this VAE."""
+    the most the transformer can score through this VAE. The pictures go in and come out through
+    diffusers' VaeImageProcessor, as in the pipelines that :func:`measure` runs."""
     import torch
-    from PIL import Image
+    from diffusers.image_processor import VaeImageProcessor
 
+    processor = VaeImageProcessor()
     hits = {"colour": 0, "shape": 0, "position": 0, "background": 0}
     for start in range(0, len(scenes), batch):
         chunk = scenes[start:start + batch]
-        x = torch.stack([torch.from_numpy(np.asarray(shapes.render(s), np.float32) / 127.5 - 1).permute(2, 0, 1)
-                         for s in chunk])
+        x = processor.preprocess([shapes.render(s) for s in chunk]).to(vae.dtype)
         with torch.no_grad():
-            y = vae.decode(vae.encode(x.to(vae.dtype)).latent_dist.mean).sample.float().clamp(-1, 1)
-        for scene, t in zip(chunk, y):
-            image = Image.fromarray(((t.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8))
+            y = vae.decode(vae.encode(x).latent_dist.mean).sample.float()
+        for scene, image in zip(chunk, processor.postprocess(y, output_type="pil")):
             for k, v in score(scene, image)[1].items():
                 hits[k] += v
     n = max(len(scenes), 1)

@@ -116,14 +116,13 @@ class Recipe:
                    warmup=1, lora_steps=2, lora_batch=2, lora_scenes=4)
 
 
-def transformer_config(recipe: Recipe, factor: int | None = None) -> dict:
-    """Shaped like the tiny sd3.5-medium (``studio.demo.tiny``), larger; ``factor``: the VAE's
-    (default: the recipe's VAE)."""
+def transformer_config(recipe: Recipe, sample_size: int) -> dict:
+    """Shaped like the tiny sd3.5-medium (``studio.demo.tiny``), larger; ``sample_size``: the
+    side of the 256² scenes' latents (32 with an 8× VAE)."""
     from studio.demo.tiny import _dims
 
-    factor = factor or vae_factor(recipe.vae_channels)
     return {
-        "sample_size": shapes.SIZE // factor,
+        "sample_size": sample_size,
         "patch_size": 2,
         "in_channels": 16,
         "out_channels": 16,
@@ -250,6 +249,13 @@ def _flat_fields(x, fraction: float, rng):
     return x
 
 
+def _scene_batch(rng, count: int):
+    """``count`` random scenes (two objects 40 % of the time) and their 256² pictures as a tensor:
+    what the VAE and decoder stages train on."""
+    scenes = [shapes.sample_scene(rng, two_objects=0.4) for _ in range(count)]
+    return scenes, _to_tensor([shapes.render(s) for s in scenes])
+
+
 def _reconstruction_loss(y, x, weight=None):
     """What the VAE and decoder stages minimise: MSE plus half the mean absolute error, per pixel
     weighted by ``weight`` (normalised by its mean, so the scale stays the unweighted one's)."""
@@ -276,8 +282,7 @@ def train_vae(recipe: Recipe, log: Log, bf16: bool):
     for step in range(recipe.vae_steps):
         for group in opt.param_groups:
             group["lr"] = recipe.vae_lr * _cosine(step, recipe.vae_steps, 20, 0.05)
-        batch = [shapes.sample_scene(rng, two_objects=0.4) for _ in range(recipe.vae_batch)]
-        x = _to_tensor([shapes.render(s) for s in batch])
+        _, x = _scene_batch(rng, recipe.vae_batch)
         if recipe.vae_crop:
             x = _crops(x, recipe.vae_crop, recipe.vae_crops, rng, vae_factor(recipe.vae_channels))
             if recipe.vae_flat:
@@ -324,8 +329,7 @@ def finetune_decoder(vae, recipe: Recipe, log: Log, bf16: bool):
     for step in range(recipe.decoder_steps):
         for group in opt.param_groups:
             group["lr"] = recipe.decoder_lr * _cosine(step, recipe.decoder_steps, 10, 0.1)
-        batch = [shapes.sample_scene(rng, two_objects=0.4) for _ in range(recipe.vae_batch)]
-        x = _to_tensor([shapes.render(s) for s in batch])
+        batch, x = _scene_batch(rng, recipe.vae_batch)
         near = np.stack([np.asarray(shapes.object_mask(s), dtype=np.float32) / 255 for s in batch])
         near = torch.nn.functional.max_pool2d(torch.from_numpy(near)[:, None], 5, 1, 2)  # and 2 px around
         with torch.no_grad(), _autocast(bf16):
@@ -484,7 +488,7 @@ def train_transformer(recipe: Recipe, latents, masks, prompts, text: TextCache, 
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(recipe.seed + 10)
-    model = SD3Transformer2DModel(**transformer_config(recipe, shapes.SIZE // latents.shape[-1]))
+    model = SD3Transformer2DModel(**transformer_config(recipe, latents.shape[-1]))
     ema = copy.deepcopy(model).requires_grad_(False)
     log(f"transformer: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.99))
