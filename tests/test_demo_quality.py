@@ -95,3 +95,19 @@ def test_the_vae_round_trip_is_the_ceiling_it_leaves_the_transformer():
     assert reds and abs(drift["colour"] - (1 - reds / len(scenes))) < 1e-9, (drift, reds)
     table = quality.table({**perfect, "n": 24}, drift)
     assert "VAE round trip" in table and f"{drift['colour']:.1%}" in table
+
+
+def test_speckles_of_the_named_colour_are_not_an_object():
+    """The colour measure reads the largest connected blob, not the pixel count: a noisy picture
+    with more red speckles (isolated 3×3 dots) than one solid blue square reads blue."""
+    from PIL import Image
+
+    image = np.full((256, 256, 3), shapes.GREY, np.uint8)
+    image[100:130, 100:130] = shapes.COLOURS["blue"]  # 900 pixels in one piece
+    for y in range(0, 256, 8):
+        for x in range(0, 96, 8):
+            image[y:y + 3, x:x + 3] = shapes.COLOURS["red"]  # 32 × 12 dots of 9 pixels: 3,456
+    picture = Image.fromarray(image)
+    assert quality.colour_fractions(picture)["red"] > quality.colour_fractions(picture)["blue"]
+    assert quality.read_image(picture, "red", shapes.GREY).dominant == "blue"
+    assert quality.read_image(picture, "blue", shapes.GREY).dominant == "blue"

@@ -262,3 +262,31 @@ def test_reused_stages_keep_their_figures_in_training_json(quick_run, tmp_path):
     for stage in ("vae", "decoder", "transformer"):
         assert record["stages"][stage] == {**first["stages"][stage], "from": str(folder)}, stage
     assert "from" not in record["stages"]["lora"], "the LoRA was trained by this run"
+
+
+def test_pos_embed_max_size_0_lays_the_grid_over_the_whole_picture():
+    """``--set pos_embed_max_size=0``: no ``pos_embed_max_size``, so diffusers lays its sin-cos grid
+    over the whole picture at any size (the native 16 patches span 16 units) instead of cropping
+    the centre of one fixed grid: the 128² steps then teach the places the 256² pictures are drawn
+    at (the 8×8 grid is the 16×16 grid's every other patch), which the default's crop does not."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    from studio.demo.train import Recipe, transformer_config
+
+    def grids(recipe):
+        config = transformer_config(recipe, 32)
+        embed = SD3Transformer2DModel(**{**config, "num_layers": 1, "dual_attention_layers": (0,)}).pos_embed
+        width = embed.proj.out_channels
+        with torch.no_grad():
+            return config, {side: (embed(x) - embed.proj(x).flatten(2).transpose(1, 2)).reshape(side // 2, side // 2, width)
+                            for side, x in ((s, torch.zeros(1, 16, s, s)) for s in (16, 32))}
+
+    config, grid = grids(Recipe(pos_embed_max_size=0))
+    assert config["pos_embed_max_size"] is None
+    assert torch.allclose(grid[16], grid[32][::2, ::2], atol=1e-5)
+    # neighbouring patches differ in the fastest sin-cos pair by a radian, not a quarter of one
+    assert (grid[32][0, 1, 0] - grid[32][0, 0, 0]).abs() > 0.5
+    config, grid = grids(Recipe())
+    assert config["pos_embed_max_size"] == 64
+    assert not torch.allclose(grid[16], grid[32][::2, ::2], atol=1e-3)

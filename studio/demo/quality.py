@@ -5,7 +5,8 @@ Generates held-out prompts (colour×shape×position combinations never drawn in 
 (``StableDiffusion3Pipeline.from_pretrained``) at 256², 12 steps, CFG 4, and measures, over the
 images:
 
-- colour: the named colour is the dominant colour that is not the background;
+- colour: the named colour is the dominant colour that is not the background: the colour of the
+  largest connected blob (so scattered speckles of a colour, however many, are not an object);
 - shape: a geometric classifier (fill ratio of the bounding box and solidity, the area over
   the convex hull's) recognises the named shape in the largest blob of that colour;
 - position: the blob's centroid is nearest the named position's anchor;
@@ -152,7 +153,7 @@ class Reading:
     """What the measures see in one picture of one named object."""
 
     background: str | None  # the most common palette colour
-    dominant: str | None  # the most common palette colour other than the expected background
+    dominant: str | None  # the colour of the largest connected blob that is not the expected background
     shape: str | None  # the classifier's reading of the largest blob of the named colour
     position: str | None  # the anchor nearest that blob's centroid
 
@@ -164,11 +165,15 @@ def read_image(image, colour: str, background_rgb) -> Reading:
     counts = np.bincount(labels[labels >= 0].ravel(), minlength=len(PALETTE_NAMES))
     bg_index = int(np.argmin(np.linalg.norm(PALETTE - np.asarray(background_rgb, np.float32), axis=1)))
     background = PALETTE_NAMES[int(counts.argmax())] if counts.sum() else None
-    others = counts.copy()
-    others[bg_index] = 0
     min_pixels = 0.002 * labels.size
-    dominant = PALETTE_NAMES[int(others.argmax())] if others.max() >= min_pixels else None
-    blob = largest_blob(labels == PALETTE_NAMES.index(colour))
+    # each colour's largest connected blob, not its pixel count: speckles of the named colour
+    # scattered over a noisy picture are many pixels but no object
+    blobs = {i: largest_blob(labels == i) for i in range(len(PALETTE_NAMES)) if i != bg_index and counts[i] >= min_pixels}
+    sizes = {i: int(b.sum()) for i, b in blobs.items()}
+    best = max(sizes, key=sizes.get, default=None)
+    dominant = PALETTE_NAMES[best] if best is not None and sizes[best] >= min_pixels else None
+    named = PALETTE_NAMES.index(colour)
+    blob = blobs[named] if named in blobs else largest_blob(labels == named)
     if blob.sum() < min_pixels:
         return Reading(background, dominant, None, None)
     ys, xs = np.nonzero(blob)

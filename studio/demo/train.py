@@ -95,7 +95,10 @@ class Recipe:
     # recipe: few steps near pure noise) or "uniform" (the density the shifted sampler walks)
     timesteps: str = "logit-normal"
     ema: float = 0.995
-    pos_embed_max_size: int = 64  # 16 patches span 4 units of the sin-cos grid (128: only 2)
+    # 16 patches span 4 units of the sin-cos grid (128: only 2); 0: none, diffusers then lays the
+    # grid over the whole picture at any size (16 units, the same places at 128² and 256²), which
+    # drew no better in 750 steps (assets/demo/README.md)
+    pos_embed_max_size: int = 64
     object_weight: float = 2.0  # extra loss weight on the latent pixels an object covers
     # Context tokens carry no position, so a step may drop the trailing padding: the CLIP block
     # cut to short_clip tokens and T5 to short_t5 (the pipeline pads them to 77 and 256).
@@ -132,7 +135,7 @@ def transformer_config(recipe: Recipe, sample_size: int) -> dict:
         "joint_attention_dim": _dims(1)["t5_dim"],
         "caption_projection_dim": recipe.heads * recipe.head_dim,
         "pooled_projection_dim": 2 * _dims(1)["clip_hidden"],
-        "pos_embed_max_size": recipe.pos_embed_max_size,
+        "pos_embed_max_size": recipe.pos_embed_max_size or None,
         "qk_norm": "rms_norm",
         "dual_attention_layers": tuple(recipe.dual_layers),
     }
