@@ -290,3 +290,29 @@ def test_pos_embed_max_size_0_lays_the_grid_over_the_whole_picture():
     config, grid = grids(Recipe())
     assert config["pos_embed_max_size"] == 64
     assert not torch.allclose(grid[16], grid[32][::2, ::2], atol=1e-3)
+
+
+def test_mirror_sets_how_often_a_sample_is_mirrored(monkeypatch):
+    """``mirror``: the chance a training sample is flipped left↔right with its prompt's "left" and
+    "right" swapped; ``--set mirror=0`` trains on the pictures as drawn."""
+    import torch
+
+    from studio.demo import train as tr
+
+    class Text:  # the frozen encoders' shapes, without the encoders
+        def add(self, prompts):
+            pass
+
+        def batch(self, prompts, short=None):
+            return torch.zeros(len(prompts), 8, 64), torch.zeros(len(prompts), 64)
+
+    swapped = []
+    real_swap = tr.swap_left_right
+    monkeypatch.setattr(tr, "swap_left_right", lambda p: swapped.append(p) or real_swap(p))
+    latents, masks = torch.randn(8, 16, 16, 16), torch.zeros(8, 1, 16, 16)
+    prompts = [f"a red circle at the left {i}" for i in range(8)]
+    for mirror, expected in ((0.0, 0), (1.0, 8)):
+        swapped.clear()
+        recipe = tr.Recipe(steps=2, low_steps=0, batch=4, warmup=1, layers=1, dual_layers=(), mirror=mirror)
+        tr.train_transformer(recipe, latents, masks, prompts, Text(), tr.Log(quiet=True), False)
+        assert len(swapped) == expected, (mirror, swapped)

@@ -9,8 +9,8 @@ procedural shapes (``studio.demo.shapes``) so that ``--demo`` draws what it is a
    latents near zero mean and unit variance, which flow matching expects; then the decoder alone
    on whole scenes (``decoder_steps``), the encoder frozen, the pixels on and around objects
    weighted ``1 + decoder_object_weight``;
-2. the latents of ``--scenes`` pictures, cached once, with their left↔right mirrors (latent
-   flipped, "left"/"right" swapped in the prompt);
+2. the latents of ``--scenes`` pictures, cached once; half the samples mirrored (``mirror``: the
+   latent flipped, "left"/"right" swapped in the prompt);
 3. the transformer (``SD3Transformer2DModel``, qk RMS-norm, dual attention in the first two
    blocks) by rectified flow matching, first ``low_steps`` on the scenes at 128² (a quarter of
    the image tokens), then ``steps`` at 256²: timesteps logit-normal (or ``timesteps=uniform``),
@@ -99,6 +99,7 @@ class Recipe:
     # grid over the whole picture at any size (16 units, the same places at 128² and 256²), which
     # drew no better in 750 steps (assets/demo/README.md)
     pos_embed_max_size: int = 64
+    mirror: float = 0.5  # chance a sample is mirrored (latent flipped, "left"/"right" swapped)
     object_weight: float = 2.0  # extra loss weight on the latent pixels an object covers
     # Context tokens carry no position, so a step may drop the trailing padding: the CLIP block
     # cut to short_clip tokens and T5 to short_t5 (the pipeline pads them to 77 and 256).
@@ -511,7 +512,7 @@ def train_transformer(recipe: Recipe, latents, masks, prompts, text: TextCache, 
             order, cursor = torch.randperm(n, generator=gen), 0
         idx = order[cursor:cursor + recipe.batch]
         cursor += recipe.batch
-        flip = torch.rand(len(idx), generator=gen) < 0.5
+        flip = torch.rand(len(idx), generator=gen) < recipe.mirror
         source, source_masks = low if step < first else (latents, masks)
         x, m = source[idx].clone(), source_masks[idx].clone()
         x[flip], m[flip] = x[flip].flip(-1), m[flip].flip(-1)
