@@ -278,9 +278,13 @@ def test_pos_embed_max_size_0_lays_the_grid_over_the_whole_picture():
         config = transformer_config(recipe, 32)
         embed = SD3Transformer2DModel(**{**config, "num_layers": 1, "dual_attention_layers": (0,)}).pos_embed
         width = embed.proj.out_channels
+        grid = {}
         with torch.no_grad():
-            return config, {side: (embed(x) - embed.proj(x).flatten(2).transpose(1, 2)).reshape(side // 2, side // 2, width)
-                            for side, x in ((s, torch.zeros(1, 16, s, s)) for s in (16, 32))}
+            for side in (16, 32):  # latent sides: 128² and 256² pictures
+                x = torch.zeros(1, 16, side, side)
+                position = embed(x) - embed.proj(x).flatten(2).transpose(1, 2)  # what the embedding adds
+                grid[side] = position.reshape(side // 2, side // 2, width)
+        return config, grid
 
     config, grid = grids(Recipe(pos_embed_max_size=0))
     assert config["pos_embed_max_size"] is None

@@ -168,7 +168,8 @@ def read_image(image, colour: str, background_rgb) -> Reading:
     min_pixels = 0.002 * labels.size
     # each colour's largest connected blob, not its pixel count: speckles of the named colour
     # scattered over a noisy picture are many pixels but no object
-    blobs = {i: largest_blob(labels == i) for i in range(len(PALETTE_NAMES)) if i != bg_index and counts[i] >= min_pixels}
+    blobs = {i: largest_blob(labels == i) for i in range(len(PALETTE_NAMES))
+             if i != bg_index and counts[i] >= min_pixels}
     sizes = {i: int(b.sum()) for i, b in blobs.items()}
     best = max(sizes, key=sizes.get, default=None)
     dominant = PALETTE_NAMES[best] if best is not None and sizes[best] >= min_pixels else None
