@@ -111,3 +111,52 @@ def test_speckles_of_the_named_colour_are_not_an_object():
     assert quality.colour_fractions(picture)["red"] > quality.colour_fractions(picture)["blue"]
     assert quality.read_image(picture, "red", shapes.GREY).dominant == "blue"
     assert quality.read_image(picture, "blue", shapes.GREY).dominant == "blue"
+
+
+class _LayoutPipe:
+    """A pipeline whose transformer knows the clean latent at once: a small square at the named
+    position's anchor (nothing for the empty negative prompt), so the first-step layout is known."""
+
+    vae_scale_factor = 8
+
+    def __init__(self):
+        import torch
+
+        self.transformer = self
+        self.config = type("Config", (), {"in_channels": 16})
+        self.dtype = torch.float32
+
+    def encode_prompt(self, prompt, prompt_2, prompt_3, negative_prompt, do_classifier_free_guidance):
+        import torch
+
+        def code(p):
+            return torch.tensor([shapes.ANCHORS[p.split(" ")[-1]] if p else (-1.0, -1.0)])
+
+        return code(prompt)[None], code(negative_prompt)[None], code(prompt), code(negative_prompt)
+
+    def __call__(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, return_dict):
+        import torch
+
+        side = hidden_states.shape[-1]
+        x0 = torch.zeros_like(hidden_states)
+        for i, (ax, ay) in enumerate(pooled_projections.tolist()):
+            if ax >= 0:
+                col, row = int(ax * side), int(ay * side)
+                x0[i, :, row - 1:row + 1, col - 1:col + 1] = 1.0
+        return (hidden_states - x0,)  # v = noise − x0 at σ 1
+
+
+def test_the_first_step_layout_finds_where_the_transformer_puts_the_object():
+    found = quality.first_step_layout(_LayoutPipe(), [quality.LAYOUT_PROMPT.format(p) for p in shapes.ANCHORS])
+    for (x, y), (ax, ay) in zip(found, shapes.ANCHORS.values()):
+        assert abs(x - ax) < 0.02 and abs(y - ay) < 0.02, (x, y, ax, ay)
+    table = quality.layout_table(_LayoutPipe())
+    assert "left" in table and "0.25  0.50" in table
+
+
+def test_position_hits_are_counted_by_the_named_position():
+    rows = [{"prompt": "a red circle at the left", "position": True},
+            {"prompt": "a blue star at the left", "position": False},
+            {"prompt": "a large green square at the top", "position": True},
+            {"prompt": "a white circle", "position": False}]
+    assert quality.by_position(rows) == {"left": (1, 2), "top": (1, 1)}

@@ -245,6 +245,67 @@ def measure(pipe, scenes, seed: int = QUALITY_SEED, batch: int = 8, steps: int =
     return {"n": len(scenes), **{k: v / n for k, v in hits.items()}, "rows": rows}
 
 
+def by_position(rows: list[dict]) -> dict[str, tuple[int, int]]:
+    """Of :func:`measure`'s rows, per named position: (images whose object sits there, images)."""
+    out: dict[str, list[int]] = {}
+    for row in rows:
+        named = [w for w in row["prompt"].split(" ") if w in shapes.ANCHORS]
+        if named:
+            hit_total = out.setdefault(named[0], [0, 0])
+            hit_total[0] += bool(row["position"])
+            hit_total[1] += 1
+    return {k: (v[0], v[1]) for k, v in sorted(out.items())}
+
+
+LAYOUT_PROMPT = "a large red circle at the {}"
+
+
+def first_step_layout(pipe, prompts, seeds: int = 8, guidance: float = GUIDANCE,
+                      seed: int = QUALITY_SEED) -> list[tuple[float, float]]:
+    """Where the transformer puts each prompt's object before sampling has begun.
+
+    At σ 1 the input is pure noise, so the best prediction of the clean latent, x0 = x − σ·v (with
+    CFG), is the mean of everything the prompt allows: a blur where the object will be. Averaged
+    over ``seeds`` noises, the centroid of its squared departure from its own spatial mean is that
+    place, as (x, y) fractions of the picture. The final image cannot put an object where this
+    does not: the sampler's first steps decide the layout, the later ones the edges.
+    """
+    import torch
+
+    transformer = pipe.transformer
+    side = shapes.SIZE // pipe.vae_scale_factor
+    noise = torch.randn(seeds, transformer.config.in_channels, side, side,
+                        generator=torch.Generator().manual_seed(seed))
+    ys, xs = torch.meshgrid(torch.arange(side) + 0.5, torch.arange(side) + 0.5, indexing="ij")
+    out = []
+    for prompt in prompts:
+        with torch.no_grad():
+            embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+                prompt, prompt, prompt, negative_prompt="", do_classifier_free_guidance=True)
+            embeds = torch.cat([negative.expand(seeds, -1, -1), embeds.expand(seeds, -1, -1)])
+            pooled = torch.cat([negative_pooled.expand(seeds, -1), pooled.expand(seeds, -1)])
+            v_uncond, v_cond = transformer(
+                hidden_states=torch.cat([noise, noise]).to(transformer.dtype), encoder_hidden_states=embeds,
+                pooled_projections=pooled, timestep=torch.full((2 * seeds,), 1000.0),
+                return_dict=False)[0].float().chunk(2)
+        x0 = (noise - (v_uncond + guidance * (v_cond - v_uncond))).mean(0)
+        d = (x0 - x0.mean((-2, -1), keepdim=True)).pow(2).sum(0)
+        out.append((float((d * xs).sum() / d.sum() / side), float((d * ys).sum() / d.sum() / side)))
+    return out
+
+
+def layout_table(pipe, template: str = LAYOUT_PROMPT, seeds: int = 8) -> str:
+    """:func:`first_step_layout` for each named position in ``template``, against its anchor."""
+    names = list(shapes.ANCHORS)
+    found = first_step_layout(pipe, [template.format(n) for n in names], seeds=seeds)
+    lines = [f"first-step layout of {template.format('…')!r} ({seeds} noises, CFG {GUIDANCE:g}):",
+             f"{'position':<9} {'anchor x, y':>12} {'at σ 1 x, y':>12}"]
+    for name, (x, y) in zip(names, found):
+        ax, ay = shapes.ANCHORS[name]
+        lines.append(f"{name:<9} {ax:>6.2f}{ay:>6.2f} {x:>6.2f}{y:>6.2f}")
+    return "\n".join(lines)
+
+
 def table(result: dict, ceiling: dict | None = None) -> str:
     """The figures as a text table, each against its goal (and the VAE's ceiling, when given:
     :func:`round_trip`)."""
@@ -305,6 +366,8 @@ def main(argv=None) -> int:
     parser.add_argument("--save", type=Path, default=None, help="also save the images here")
     parser.add_argument("--json", type=Path, default=None, help="write the figures as JSON here")
     parser.add_argument("--grid", type=Path, default=None, help="also write the labelled grid PNG here")
+    parser.add_argument("--layout", action="store_true",
+                        help="also print where the first sampling step puts an object for each named position")
     args = parser.parse_args(argv)
 
     import torch
@@ -321,6 +384,10 @@ def main(argv=None) -> int:
     result = measure(pipe, scenes, seed=args.seed, save_dir=args.save)
     result["vae_round_trip"] = round_trip(pipe.vae, scenes)
     print(table(result, result["vae_round_trip"]))
+    print("position, by the named one: " + ", ".join(
+        f"{k} {hit}/{n}" for k, (hit, n) in by_position(result["rows"]).items()))
+    if args.layout:
+        print(layout_table(pipe))
     print(f"measured in {time.time() - started:.0f} s")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
