@@ -1,9 +1,10 @@
 """Effects, not shapes: the trained demo model (assets/demo) through the studio's own path
 (``Studio.generate``), at 256², 12 steps — the prompt's colour moves the picture its way, CFG
-moves adherence the right way, a negative prompt takes its colour out, img2img moves away from its init image as the
-strength grows, inpaint keeps every pixel outside the mask and paints the named colour inside,
-the LoRA's effect grows with its weight (0 is no LoRA, pixel for pixel), and Skip Layer Guidance
-changes the image. Each figure is over several seeds, so one lucky image proves nothing."""
+moves adherence the right way, a negative prompt takes its colour out, img2img moves away from
+its init image as the strength grows, the named position moves the object its way on both axes,
+inpaint keeps every pixel outside the mask and paints the named colour inside, the LoRA's effect
+grows with its weight (0 is no LoRA, pixel for pixel), and Skip Layer Guidance changes the
+image. Each figure is over several seeds, so one lucky image proves nothing."""
 
 from __future__ import annotations
 
@@ -71,6 +72,27 @@ def test_the_named_colour_moves_the_picture_its_way(studio):
         blue = blue_minus_red(run(studio, "a large blue circle in the center", s))
         red = blue_minus_red(run(studio, "a large red circle in the center", s))
         assert blue > red + 30, (s, blue, red)
+
+
+def colour_centroid(image, colour) -> tuple[float, float]:
+    """Where ``colour`` is in the picture: the centroid, as fractions of the picture, of how much
+    nearer each pixel is to ``colour`` than to the grey background."""
+    from studio.demo import shapes
+
+    a = np.asarray(image.convert("RGB"), dtype=np.float32)
+    toward = np.linalg.norm(a - shapes.GREY, axis=-1) - np.linalg.norm(a - shapes.COLOURS[colour], axis=-1)
+    w = np.clip(toward, 0, None)
+    ys, xs = np.mgrid[: a.shape[0], : a.shape[1]]
+    return float((w * xs).sum() / w.sum() / a.shape[1]), float((w * ys).sum() / w.sum() / a.shape[0])
+
+
+def test_the_named_position_moves_the_object_its_way(studio):
+    at = {p: [colour_centroid(run(studio, f"a large blue circle at the {p}", s), "blue") for s in SEEDS]
+          for p in ("left", "right", "top", "bottom")}
+    x = {p: mean(c[0] for c in at[p]) for p in at}
+    y = {p: mean(c[1] for c in at[p]) for p in at}
+    assert x["left"] < x["right"] - 0.15, x  # both axes: the weights before these learnt only one
+    assert y["top"] < y["bottom"] - 0.15, y
 
 
 def test_cfg_moves_adherence_the_right_way(studio):

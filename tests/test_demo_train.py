@@ -265,10 +265,11 @@ def test_reused_stages_keep_their_figures_in_training_json(quick_run, tmp_path):
 
 
 def test_pos_embed_max_size_0_lays_the_grid_over_the_whole_picture():
-    """``--set pos_embed_max_size=0``: no ``pos_embed_max_size``, so diffusers lays its sin-cos grid
-    over the whole picture at any size (the native 16 patches span 16 units) instead of cropping
-    the centre of one fixed grid: the 128² steps then teach the places the 256² pictures are drawn
-    at (the 8×8 grid is the 16×16 grid's every other patch), which the default's crop does not."""
+    """``pos_embed_max_size=0`` (the default): no ``pos_embed_max_size``, so diffusers lays its
+    sin-cos grid over the whole picture at any size (the native 16 patches span 16 units) instead
+    of cropping the centre of one fixed grid: the 128² steps then teach the places the 256²
+    pictures are drawn at (the 8×8 grid is the 16×16 grid's every other patch), which SD3's crop
+    (``pos_embed_max_size=64``) does not."""
     import torch
     from diffusers import SD3Transformer2DModel
 
@@ -286,12 +287,13 @@ def test_pos_embed_max_size_0_lays_the_grid_over_the_whole_picture():
                 grid[side] = position.reshape(side // 2, side // 2, width)
         return config, grid
 
-    config, grid = grids(Recipe(pos_embed_max_size=0))
+    assert Recipe().pos_embed_max_size == 0
+    config, grid = grids(Recipe())
     assert config["pos_embed_max_size"] is None
     assert torch.allclose(grid[16], grid[32][::2, ::2], atol=1e-5)
     # neighbouring patches differ in the fastest sin-cos pair by a radian, not a quarter of one
     assert (grid[32][0, 1, 0] - grid[32][0, 0, 0]).abs() > 0.5
-    config, grid = grids(Recipe())
+    config, grid = grids(Recipe(pos_embed_max_size=64))
     assert config["pos_embed_max_size"] == 64
     assert not torch.allclose(grid[16], grid[32][::2, ::2], atol=1e-3)
 

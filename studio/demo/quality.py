@@ -341,7 +341,8 @@ def grid(pipe, prompts=GRID_PROMPTS, seeds=(1, 2, 3, 4), steps: int = STEPS, gui
     height = label_h + len(prompts) * (cell + label_h + pad)
     sheet = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    draw.text((pad, 8), f"seeds {', '.join(map(str, seeds))}  |  256², {steps} steps, CFG {guidance:g}", fill=(0, 0, 0))
+    header = f"seeds {', '.join(map(str, seeds))}  |  {shapes.SIZE}x{shapes.SIZE} px, {steps} steps, CFG {guidance:g}"
+    draw.text((pad, 8), header, fill=(0, 0, 0))  # "x", not "²": the default font has no "²"
     for row, prompt in enumerate(prompts):
         y = label_h + row * (cell + label_h + pad)
         draw.text((pad, y + 8), prompt, fill=(0, 0, 0))

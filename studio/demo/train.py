@@ -22,8 +22,9 @@ procedural shapes (``studio.demo.shapes``) so that ``--demo`` draws what it is a
 The text encoders and tokenizers are the shared tiny ones (``studio.demo.tiny``), frozen, so they
 stay bit-identical across the demo variants. Everything is deterministic from ``--seed`` for a
 given machine and thread count; the step counts are fixed (not timed) for that reason. The
-defaults take about 60 minutes on this project's two CPU cores, the stages run alone
-(assets/demo/README.md), over the 45-minute goal. ``--quick`` runs every stage for a few steps.
+defaults take about 44 minutes on the faster of this project's 2-core machines and about twice
+that on the slower (assets/demo/README.md): the 45-minute goal holds on the first only.
+``--quick`` runs every stage for a few steps.
 """
 
 from __future__ import annotations
@@ -82,9 +83,9 @@ class Recipe:
     dual_layers: tuple[int, ...] = (0, 1)
     steps: int = 300
     # steps before those, at half the resolution (128², 64 image tokens: about half a step's
-    # wall time here), SD3's own progressive recipe: the centre-cropped position embedding carries
-    # over; 1,200 + 300 drew better than 1,000 at 256² in about the same time (assets/demo/README.md)
-    low_steps: int = 1200
+    # wall time here), SD3's own progressive recipe; 2,400 + 300 with the uncropped grid below
+    # learnt both axes of position, 1,200 + 300 with the crop one axis or none (assets/demo/README.md)
+    low_steps: int = 2400
     low_size: int = 128
     batch: int = 24
     lr: float = 1e-3
@@ -95,10 +96,10 @@ class Recipe:
     # recipe: few steps near pure noise) or "uniform" (the density the shifted sampler walks)
     timesteps: str = "logit-normal"
     ema: float = 0.995
-    # 16 patches span 4 units of the sin-cos grid (128: only 2); 0: none, diffusers then lays the
-    # grid over the whole picture at any size (16 units, the same places at 128² and 256²), which
-    # drew no better in 750 steps (assets/demo/README.md)
-    pos_embed_max_size: int = 64
+    # 0: none, so diffusers lays the sin-cos grid over the whole picture at any size (16 units, the
+    # 128² grid the 256² grid's every other patch: what the low steps learn is where 256² draws);
+    # SD3's 64 crops one grid's centre (16 patches span 4 units of it, 128² pictures only 2)
+    pos_embed_max_size: int = 0
     mirror: float = 0.5  # chance a sample is mirrored (latent flipped, "left"/"right" swapped)
     object_weight: float = 2.0  # extra loss weight on the latent pixels an object covers
     # Context tokens carry no position, so a step may drop the trailing padding: the CLIP block
