@@ -284,9 +284,10 @@ def first_step_layout(pipe, prompts, seeds: int = 8, guidance: float = GUIDANCE,
                 prompt, prompt, prompt, negative_prompt="", do_classifier_free_guidance=True)
             embeds = torch.cat([negative.expand(seeds, -1, -1), embeds.expand(seeds, -1, -1)])
             pooled = torch.cat([negative_pooled.expand(seeds, -1), pooled.expand(seeds, -1)])
+            dtype = transformer.dtype
             v_uncond, v_cond = transformer(
-                hidden_states=torch.cat([noise, noise]).to(transformer.dtype), encoder_hidden_states=embeds,
-                pooled_projections=pooled, timestep=torch.full((2 * seeds,), 1000.0),
+                hidden_states=torch.cat([noise, noise]).to(dtype), encoder_hidden_states=embeds.to(dtype),
+                pooled_projections=pooled.to(dtype), timestep=torch.full((2 * seeds,), 1000.0),
                 return_dict=False)[0].float().chunk(2)
         x0 = (noise - (v_uncond + guidance * (v_cond - v_uncond))).mean(0)
         d = (x0 - x0.mean((-2, -1), keepdim=True)).pow(2).sum(0)

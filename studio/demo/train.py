@@ -84,7 +84,8 @@ class Recipe:
     steps: int = 300
     # steps before those, at half the resolution (128², 64 image tokens: about half a step's
     # wall time here), SD3's own progressive recipe; 2,400 + 300 with the uncropped grid below
-    # learnt both axes of position, 1,200 + 300 with the crop one axis or none (assets/demo/README.md)
+    # learnt both axes of position with seed 0 (not with seed 1), 1,200 + 300 with the crop one
+    # axis (seed 0) or none (seed 1): assets/demo/README.md
     low_steps: int = 2400
     low_size: int = 128
     batch: int = 24
