@@ -277,6 +277,9 @@ def first_step_layout(pipe, prompts, seeds: int = 8, guidance: float = GUIDANCE,
     noise = torch.randn(seeds, transformer.config.in_channels, side, side,
                         generator=torch.Generator().manual_seed(seed))
     ys, xs = torch.meshgrid(torch.arange(side) + 0.5, torch.arange(side) + 0.5, indexing="ij")
+    dtype = transformer.dtype
+    hidden = torch.cat([noise, noise]).to(dtype)  # the unconditional half, then the conditional
+    timestep = torch.full((2 * seeds,), 1000.0)
     out = []
     for prompt in prompts:
         with torch.no_grad():
@@ -284,11 +287,9 @@ def first_step_layout(pipe, prompts, seeds: int = 8, guidance: float = GUIDANCE,
                 prompt, prompt, prompt, negative_prompt="", do_classifier_free_guidance=True)
             embeds = torch.cat([negative.expand(seeds, -1, -1), embeds.expand(seeds, -1, -1)])
             pooled = torch.cat([negative_pooled.expand(seeds, -1), pooled.expand(seeds, -1)])
-            dtype = transformer.dtype
             v_uncond, v_cond = transformer(
-                hidden_states=torch.cat([noise, noise]).to(dtype), encoder_hidden_states=embeds.to(dtype),
-                pooled_projections=pooled.to(dtype), timestep=torch.full((2 * seeds,), 1000.0),
-                return_dict=False)[0].float().chunk(2)
+                hidden_states=hidden, encoder_hidden_states=embeds.to(dtype), pooled_projections=pooled.to(dtype),
+                timestep=timestep, return_dict=False)[0].float().chunk(2)
         x0 = (noise - (v_uncond + guidance * (v_cond - v_uncond))).mean(0)
         d = (x0 - x0.mean((-2, -1), keepdim=True)).pow(2).sum(0)
         out.append((float((d * xs).sum() / d.sum() / side), float((d * ys).sum() / d.sum() / side)))
