@@ -162,6 +162,33 @@ def test_training_timesteps_uniform_weights_the_noisiest_steps_as_the_sampler_wa
         _sigmas(4, torch.Generator(), timesteps="cosine")
 
 
+def test_high_noise_trains_the_samplers_first_steps_that_logit_normal_almost_never_draws():
+    """``high_noise``: that fraction of the samples is drawn uniformly from σ [0.9, 1), where the
+    12-step sampler's first two steps (σ 1 and 0.97) sit; the rest keep the logit-normal draw."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from studio.demo.train import HIGH_NOISE, _sigmas
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    scheduler.set_timesteps(12)
+    first_two = scheduler.sigmas[:2]
+    assert float(first_two.min()) > 0.96  # what the recipe comment says it trains
+
+    def share_above(s, level=0.96):
+        return float((s > level).float().mean())
+
+    plain = _sigmas(100_000, torch.Generator().manual_seed(0), timesteps="logit-normal")
+    mixed = _sigmas(100_000, torch.Generator().manual_seed(0), timesteps="logit-normal", high_noise=0.2)
+    assert share_above(plain) < 0.02
+    high = mixed[:20_000]
+    assert float(high.min()) >= HIGH_NOISE and float(high.max()) < 1
+    assert abs(share_above(high) - 0.4) < 0.02  # uniform on [0.9, 1): 40 % above 0.96
+    assert 0.085 < share_above(mixed) < 0.105  # 0.2 × 40 % + 0.8 × the plain share: about 9.5 %
+    assert torch.equal(_sigmas(64, torch.Generator().manual_seed(3), timesteps="uniform", high_noise=0.0),
+                       _sigmas(64, torch.Generator().manual_seed(3), timesteps="uniform"))
+
+
 def test_train_refuses_unknown_timesteps_before_any_stage(tmp_path, monkeypatch):
     """A mistyped ``--set timesteps=…`` fails at once, not after the VAE stage has run."""
     import dataclasses
@@ -198,6 +225,46 @@ def test_the_decoder_stage_trains_the_decoder_alone():
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("encoder."))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
     assert not vae.training and log.record["stages"]["decoder"]["steps"] == 2
+
+
+def test_latent_gain_leaves_half_the_batch_alone_and_spreads_the_rest_up_to_the_most():
+    import torch
+
+    from studio.demo.train import latent_gain
+
+    gain = latent_gain(1000, 3.0, torch.Generator().manual_seed(0)).flatten()
+    assert torch.equal(gain[:500], torch.ones(500))
+    assert float(gain[500:].min()) >= 1 and float(gain[500:].max()) <= 3
+    assert abs(float(gain[500:].mean()) - 2.0) < 0.1  # uniform on [1, 3]
+    assert torch.equal(latent_gain(6, 1.0, torch.Generator()), torch.ones(6, 1, 1, 1))
+
+
+def test_the_decoder_stage_decodes_latents_multiplied_by_the_recipes_gain(monkeypatch):
+    """``decoder_gain``: what the decoder stage hands the decoder is the encoder's latent times
+    :func:`latent_gain` (classifier-free guidance's overshoot); 1 hands it the latent itself."""
+    import dataclasses
+
+    import torch
+    from diffusers import AutoencoderKL
+
+    from studio.demo import train as tr
+
+    seen = {}
+    for gain in (1.0, 3.0):
+        torch.manual_seed(0)
+        recipe = dataclasses.replace(tr.Recipe.quick(seed=2), decoder_steps=1, decoder_noise=0.0, decoder_gain=gain)
+        vae = AutoencoderKL(**tr.vae_config(recipe)).eval()
+        decoded = []
+        real_decode = vae.decode
+        monkeypatch.setattr(vae, "decode", lambda z, *a, **k: decoded.append(z.detach().clone()) or real_decode(z, *a, **k))
+        tr.finetune_decoder(vae, recipe, tr.Log(quiet=True), bf16=False)
+        seen[gain] = decoded[0]
+    scale, shift = vae.config.scaling_factor, vae.config.shift_factor
+    plain, gained = ((seen[g] - shift) * scale for g in (1.0, 3.0))
+    half = len(plain) // 2
+    assert torch.allclose(gained[:half], plain[:half], atol=1e-5)  # the same scenes, the same encoder
+    ratio = (gained[half:].flatten(1).norm(dim=1) / plain[half:].flatten(1).norm(dim=1))
+    assert bool(((ratio >= 1 - 1e-4) & (ratio <= 3 + 1e-4)).all()) and float(ratio.max()) > 1.05
 
 
 def test_the_reconstruction_loss_weighs_object_pixels():
@@ -322,3 +389,33 @@ def test_mirror_sets_how_often_a_sample_is_mirrored(monkeypatch):
         recipe = tr.Recipe(steps=2, low_steps=0, batch=4, warmup=1, layers=1, dual_layers=(), mirror=mirror)
         tr.train_transformer(recipe, latents, masks, prompts, Text(), tr.Log(quiet=True), False)
         assert len(swapped) == expected, (mirror, swapped)
+
+
+def test_the_transformer_stage_draws_its_sigmas_with_the_recipes_high_noise(monkeypatch):
+    """``--set high_noise=1`` reaches the noise levels the transformer trains on: every σ its
+    model is given is then in [0.9, 1); with the default 0 the logit-normal draw goes below."""
+    import torch
+
+    from studio.demo import train as tr
+
+    class Text:  # the frozen encoders' shapes, without the encoders
+        def add(self, prompts):
+            pass
+
+        def batch(self, prompts, short=None):
+            return torch.zeros(len(prompts), 8, 64), torch.zeros(len(prompts), 64)
+
+    drawn = []
+    real = tr._sigmas
+    monkeypatch.setattr(tr, "_sigmas", lambda *a, **k: drawn.append(real(*a, **k)) or drawn[-1])
+    latents, masks = torch.randn(8, 16, 16, 16), torch.zeros(8, 1, 16, 16)
+    prompts = [f"a red circle {i}" for i in range(8)]
+    lowest = {}
+    for high in (0.0, 1.0):
+        drawn.clear()
+        recipe = tr.Recipe(steps=6, low_steps=0, batch=8, warmup=1, layers=1, dual_layers=(), high_noise=high)
+        tr.train_transformer(recipe, latents, masks, prompts, Text(), tr.Log(quiet=True), False)
+        assert len(drawn) == 6
+        lowest[high] = float(torch.cat(drawn).min())
+    assert lowest[1.0] >= tr.HIGH_NOISE > lowest[0.0]
+
