@@ -50,3 +50,11 @@ def region_fraction(image, colour: str, box) -> float:
     labels = quality.label_map(image)
     x0, y0, x1, y1 = box
     return float((labels[y0:y1, x0:x1] == quality.PALETTE_NAMES.index(colour)).mean())
+
+
+def toward(image, colour: str) -> float:
+    """Mean over the picture of how much nearer (in RGB) each pixel is to ``colour`` than to the
+    default grey background: a movement of the colour, not a palette label, so a background half
+    way from grey to ``colour`` counts half way."""
+    a = pixels(image) * 255.0
+    return float((np.linalg.norm(a - shapes.GREY, axis=-1) - np.linalg.norm(a - shapes.COLOURS[colour], axis=-1)).mean())

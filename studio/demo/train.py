@@ -8,7 +8,8 @@ procedural shapes (``studio.demo.shapes``) so that ``--demo`` draws what it is a
    fields (``vae_crop``, ``vae_flat``; 0: whole pictures), with a penalty that keeps the scaled
    latents near zero mean and unit variance, which flow matching expects; then the decoder alone
    on whole scenes (``decoder_steps``), the encoder frozen, the pixels on and around objects
-   weighted ``1 + decoder_object_weight``;
+   weighted ``1 + decoder_object_weight``, half the latents multiplied by a gain of up to
+   ``decoder_gain`` (classifier-free guidance's overshoot, which it must still draw as itself);
 2. the latents of ``--scenes`` pictures, cached once; half the samples mirrored (``mirror``: the
    latent flipped, "left"/"right" swapped in the prompt);
 3. the transformer (``SD3Transformer2DModel``, qk RMS-norm, dual attention in the first two
@@ -22,9 +23,10 @@ procedural shapes (``studio.demo.shapes``) so that ``--demo`` draws what it is a
 
 The text encoders and tokenizers are the shared tiny ones (``studio.demo.tiny``), frozen, so they
 stay bit-identical across the demo variants. Everything is deterministic from ``--seed`` for a
-given machine and thread count; the step counts are fixed (not timed) for that reason. The
-defaults take about 44 minutes on the faster of this project's 2-core machines and about twice
-that on the slower (assets/demo/README.md): the 45-minute goal holds on the first only.
+given machine and thread count; the step counts are fixed (not timed) for that reason. One
+invocation of the defaults took 43.1 minutes on the faster of this project's 2-core machines
+(36.7 stage by stage with nothing else running) and would take about twice that on the slower
+(assets/demo/README.md): the 45-minute goal holds on the first only.
 ``--quick`` runs every stage for a few steps.
 """
 
@@ -77,7 +79,7 @@ class Recipe:
     # half of each batch's scaled latents multiplied by a gain drawn from [1, decoder_gain] (1: off):
     # classifier-free guidance pushes a latent past itself, away from the mean latent (about 0),
     # and an untaught decoder reads "more orange" as red, "more purple" as blue
-    decoder_gain: float = 1.0
+    decoder_gain: float = 3.0
     # the data
     scenes: int = 6000
     two_objects: float = 0.2
