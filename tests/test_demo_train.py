@@ -365,19 +365,24 @@ def test_pos_embed_max_size_0_lays_the_grid_over_the_whole_picture():
     assert not torch.allclose(grid[16], grid[32][::2, ::2], atol=1e-3)
 
 
+class FrozenText:
+    """A stand-in for ``studio.demo.train.TextCache``: the frozen encoders' shapes, without the encoders."""
+
+    def add(self, prompts):
+        pass
+
+    def batch(self, prompts, short=None):
+        import torch
+
+        return torch.zeros(len(prompts), 8, 64), torch.zeros(len(prompts), 64)
+
+
 def test_mirror_sets_how_often_a_sample_is_mirrored(monkeypatch):
     """``mirror``: the chance a training sample is flipped left↔right with its prompt's "left" and
     "right" swapped; ``--set mirror=0`` trains on the pictures as drawn."""
     import torch
 
     from studio.demo import train as tr
-
-    class Text:  # the frozen encoders' shapes, without the encoders
-        def add(self, prompts):
-            pass
-
-        def batch(self, prompts, short=None):
-            return torch.zeros(len(prompts), 8, 64), torch.zeros(len(prompts), 64)
 
     swapped = []
     real_swap = tr.swap_left_right
@@ -387,23 +392,16 @@ def test_mirror_sets_how_often_a_sample_is_mirrored(monkeypatch):
     for mirror, expected in ((0.0, 0), (1.0, 8)):
         swapped.clear()
         recipe = tr.Recipe(steps=2, low_steps=0, batch=4, warmup=1, layers=1, dual_layers=(), mirror=mirror)
-        tr.train_transformer(recipe, latents, masks, prompts, Text(), tr.Log(quiet=True), False)
+        tr.train_transformer(recipe, latents, masks, prompts, FrozenText(), tr.Log(quiet=True), False)
         assert len(swapped) == expected, (mirror, swapped)
 
 
 def test_the_transformer_stage_draws_its_sigmas_with_the_recipes_high_noise(monkeypatch):
     """``--set high_noise=1`` reaches the noise levels the transformer trains on: every σ its
-    model is given is then in [0.9, 1); with the default 0 the logit-normal draw goes below."""
+    model is given is then in [0.9, 1); with 0 the logit-normal draw goes below."""
     import torch
 
     from studio.demo import train as tr
-
-    class Text:  # the frozen encoders' shapes, without the encoders
-        def add(self, prompts):
-            pass
-
-        def batch(self, prompts, short=None):
-            return torch.zeros(len(prompts), 8, 64), torch.zeros(len(prompts), 64)
 
     drawn = []
     real = tr._sigmas
@@ -414,7 +412,7 @@ def test_the_transformer_stage_draws_its_sigmas_with_the_recipes_high_noise(monk
     for high in (0.0, 1.0):
         drawn.clear()
         recipe = tr.Recipe(steps=6, low_steps=0, batch=8, warmup=1, layers=1, dual_layers=(), high_noise=high)
-        tr.train_transformer(recipe, latents, masks, prompts, Text(), tr.Log(quiet=True), False)
+        tr.train_transformer(recipe, latents, masks, prompts, FrozenText(), tr.Log(quiet=True), False)
         assert len(drawn) == 6
         lowest[high] = float(torch.cat(drawn).min())
     assert lowest[1.0] >= tr.HIGH_NOISE > lowest[0.0]
