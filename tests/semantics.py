@@ -57,4 +57,5 @@ def toward(image, colour: str) -> float:
     default grey background: a movement of the colour, not a palette label, so a background half
     way from grey to ``colour`` counts half way."""
     a = pixels(image) * 255.0
-    return float((np.linalg.norm(a - shapes.GREY, axis=-1) - np.linalg.norm(a - shapes.COLOURS[colour], axis=-1)).mean())
+    nearer = np.linalg.norm(a - shapes.GREY, axis=-1) - np.linalg.norm(a - shapes.COLOURS[colour], axis=-1)
+    return float(nearer.mean())

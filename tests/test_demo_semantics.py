@@ -106,7 +106,8 @@ def test_the_named_background_fills_the_picture(studio):
     missed = []
     for background, colour in BACKGROUNDS:
         for s in SEEDS:
-            f = semantics.fractions(run(studio, f"a small {colour} circle in the center on a {background} background", s))
+            prompt = f"a small {colour} circle in the center on a {background} background"
+            f = semantics.fractions(run(studio, prompt, s))
             f.pop("none")
             if max(f, key=f.get) != background:
                 missed.append((background, s, max(f, key=f.get)))
