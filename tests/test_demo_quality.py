@@ -160,3 +160,64 @@ def test_position_hits_are_counted_by_the_named_position():
             {"prompt": "a large green square at the top", "position": True},
             {"prompt": "a white circle", "position": False}]
     assert quality.by_position(rows) == {"left": (1, 2), "top": (1, 1)}
+
+
+def _trained_pipe():
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    from studio.demo import trained_folder
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(trained_folder(), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_each_steps_prediction_is_decoded_and_the_last_is_the_picture_itself():
+    """``predictions`` reads the sampler's x0 back from its Euler steps: its last image is the
+    pipeline's own picture for that seed, pixel for pixel, and the predictions walk towards it
+    (the first, at σ 1, is the blurred mean of what the prompt allows)."""
+    import torch
+
+    pipe = _trained_pipe()
+    prompt = "a large blue square at the left"
+    images, sigmas = quality.predictions(pipe, prompt, seed=3, steps=6)
+    assert len(images) == len(sigmas) == 6
+    assert sigmas[0] == 1.0 and all(a > b for a, b in zip(sigmas, sigmas[1:]))
+    final = pipe(prompt, num_inference_steps=6, guidance_scale=quality.GUIDANCE, height=shapes.SIZE,
+                 width=shapes.SIZE, generator=torch.Generator().manual_seed(3)).images[0]
+    pixels = [np.asarray(im, dtype=np.int16) for im in images]
+    assert np.array_equal(pixels[-1], np.asarray(final, dtype=np.int16))
+    distance = [float(np.abs(p - pixels[-1]).mean()) for p in pixels]
+    assert distance[0] > distance[2] > distance[-1] == 0, distance
+
+
+def test_the_trajectory_sheet_has_a_row_a_prompt_and_a_column_a_step():
+    pipe = _trained_pipe()
+    sheet = quality.trajectory(pipe, prompts=("a red circle", "a green star at the top"), steps=3)
+    cell, label_h, pad = shapes.SIZE // 3, 28, 3
+    assert sheet.size == (pad + 3 * (cell + pad), 2 * label_h + 2 * (cell + label_h + pad))
+    # every cell holds a picture (not the white sheet), the first row a red object's
+    first_row = np.asarray(sheet)[2 * label_h + label_h:2 * label_h + label_h + cell]
+    assert (first_row.reshape(-1, 3) != 255).any(1).mean() > 0.9
+
+
+def test_colour_misses_count_each_named_and_read_pair():
+    rows = [{"named": "red", "colour": False, "read": {"dominant": "blue"}},
+            {"named": "red", "colour": False, "read": {"dominant": "blue"}},
+            {"named": "purple", "colour": False, "read": {"dominant": None}},
+            {"named": "green", "colour": True, "read": {"dominant": "green"}}]
+    assert quality.colour_misses(rows) == [("red", "blue", 2), ("purple", "none", 1)]
+
+
+def test_the_command_line_writes_the_trajectory_and_names_the_colour_misses(tmp_path, capsys):
+    path = tmp_path / "steps.png"
+    status = quality.main(["--count", "4", "--trajectory", str(path)])
+    out = capsys.readouterr().out
+    assert status in (0, 1) and "held-out images" in out
+    assert path.exists() and f"trajectory written to {path}" in out
+    from PIL import Image
+
+    assert Image.open(path).size[0] == 3 + quality.STEPS * (shapes.SIZE // 3 + 3)
+    if "colour misses" in out:
+        assert " → " in out.split("colour misses")[1]

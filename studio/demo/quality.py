@@ -237,7 +237,7 @@ def measure(pipe, scenes, seed: int = QUALITY_SEED, batch: int = 8, steps: int =
             r, ok = score(scene, image)
             for k, v in ok.items():
                 hits[k] += v
-            rows.append({"prompt": scene.prompt, **ok, "read": r.__dict__})
+            rows.append({"prompt": scene.prompt, "named": scene.objects[0].colour, **ok, "read": r.__dict__})
             if save_dir is not None:
                 save_dir.mkdir(parents=True, exist_ok=True)
                 image.save(save_dir / f"{start + i:03d}.png")
@@ -356,6 +356,78 @@ def grid(pipe, prompts=GRID_PROMPTS, seeds=(1, 2, 3, 4), steps: int = STEPS, gui
     return sheet
 
 
+TRAJECTORY_PROMPTS = (
+    "a large blue square at the left",
+    "a small yellow triangle at the top",
+    "a red circle on a white background",
+)
+
+
+def predictions(pipe, prompt: str, seed: int = 1, steps: int = STEPS, guidance: float = GUIDANCE):
+    """What the sampler believes the picture is at each of its steps: the prediction of the clean
+    latent, x0 = x − σ·v, decoded, one image a step (the last is the final picture), and the σ of
+    each step. The velocity is read back from the Euler step itself, v = (x' − x) / (σ' − σ), so
+    the pipeline runs unchanged."""
+    import torch
+
+    side = shapes.SIZE // pipe.vae_scale_factor
+    start = torch.randn(1, pipe.transformer.config.in_channels, side, side,
+                        generator=torch.Generator().manual_seed(seed)).to(pipe.transformer.dtype)
+    latents = [start]
+
+    def keep(_pipe, _i, _t, kwargs):
+        latents.append(kwargs["latents"].detach().clone())
+        return kwargs
+
+    pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=shapes.SIZE, width=shapes.SIZE,
+         latents=start.clone(), callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"],
+         output_type="latent")
+    sigmas = [float(s) for s in pipe.scheduler.sigmas]
+    vae = pipe.vae
+    images = []
+    for i in range(len(latents) - 1):
+        x, nxt = latents[i].float(), latents[i + 1].float()
+        # the last step lands on σ 0: its x0 is where it lands (the formula, up to rounding)
+        x0 = nxt if sigmas[i + 1] == 0 else x - sigmas[i] * (nxt - x) / (sigmas[i + 1] - sigmas[i])
+        with torch.no_grad():
+            pixels = vae.decode(x0.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor).sample
+        images.append(pipe.image_processor.postprocess(pixels, output_type="pil")[0])
+    return images, sigmas[:-1]
+
+
+def trajectory(pipe, prompts=TRAJECTORY_PROMPTS, seed: int = 1, steps: int = STEPS, guidance: float = GUIDANCE):
+    """A labelled sheet of :func:`predictions`: one row a prompt, one column a sampling step. It
+    shows which step decides what: colour and layout in the first steps, and whether the later
+    ones still change the outline."""
+    from PIL import Image, ImageDraw
+
+    cell, label_h, pad = shapes.SIZE // 3, 28, 3
+    rows = [predictions(pipe, p, seed, steps, guidance) for p in prompts]
+    sigmas = rows[0][1]
+    width = pad + len(sigmas) * (cell + pad)
+    height = 2 * label_h + len(prompts) * (cell + label_h + pad)
+    sheet = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((pad, 8), f"the clean picture each step predicts  |  seed {seed}, {steps} steps, CFG {guidance:g}",
+              fill=(0, 0, 0))
+    for col, sigma in enumerate(sigmas):
+        draw.text((pad + col * (cell + pad), label_h + 8), f"sigma {sigma:.2f}", fill=(0, 0, 0))
+    for row, (prompt, (images, _)) in enumerate(zip(prompts, rows)):
+        y = 2 * label_h + row * (cell + label_h + pad)
+        draw.text((pad, y + 8), prompt, fill=(0, 0, 0))
+        for col, image in enumerate(images):
+            sheet.paste(image.resize((cell, cell)), (pad + col * (cell + pad), y + label_h))
+    return sheet
+
+
+def colour_misses(rows: list[dict]) -> list[tuple[str, str, int]]:
+    """Of :func:`measure`'s rows that miss the colour: (named, read, count), most common first."""
+    from collections import Counter
+
+    counts = Counter((row["named"], row["read"]["dominant"] or "none") for row in rows if not row["colour"])
+    return [(named, read, n) for (named, read), n in counts.most_common()]
+
+
 def main(argv=None) -> int:
     """The command line: measure a pipeline folder (default: the shipped one), print the table,
     optionally save JSON and a grid."""
@@ -371,6 +443,8 @@ def main(argv=None) -> int:
     parser.add_argument("--grid", type=Path, default=None, help="also write the labelled grid PNG here")
     parser.add_argument("--layout", action="store_true",
                         help="also print where the first sampling step puts an object for each named position")
+    parser.add_argument("--trajectory", type=Path, default=None,
+                        help="also write a PNG of the clean picture each sampling step predicts, for a few prompts")
     args = parser.parse_args(argv)
 
     import torch
@@ -389,6 +463,9 @@ def main(argv=None) -> int:
     print(table(result, result["vae_round_trip"]))
     print("position, by the named one: " + ", ".join(
         f"{k} {hit}/{n}" for k, (hit, n) in by_position(result["rows"]).items()))
+    misses = colour_misses(result["rows"])
+    if misses:
+        print("colour misses, named → read: " + ", ".join(f"{a} → {b} {n}" for a, b, n in misses))
     if args.layout:
         print(layout_table(pipe))
     print(f"measured in {time.time() - started:.0f} s")
@@ -397,6 +474,9 @@ def main(argv=None) -> int:
     if args.grid:
         grid(pipe).save(args.grid)
         print(f"grid written to {args.grid}")
+    if args.trajectory:
+        trajectory(pipe).save(args.trajectory)
+        print(f"trajectory written to {args.trajectory}")
     return 0 if all(result[k] >= g for k, g in GOALS.items()) else 1
 
 
