@@ -192,6 +192,20 @@ def test_each_steps_prediction_is_decoded_and_the_last_is_the_picture_itself():
     assert distance[0] > distance[2] > distance[-1] == 0, distance
 
 
+def test_predictions_refuse_a_sampler_whose_steps_are_not_euler_steps():
+    """A stochastic step adds fresh noise, so x − σ·v read back from it is noise, not a prediction."""
+    import pytest
+    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+
+    pipe = _trained_pipe()
+    config = pipe.scheduler.config
+    for scheduler in (FlowMatchEulerDiscreteScheduler.from_config(config, stochastic_sampling=True),
+                      FlowMatchHeunDiscreteScheduler.from_config(config)):
+        pipe.scheduler = scheduler
+        with pytest.raises(ValueError, match="deterministic Euler"):
+            quality.predictions(pipe, "a red circle", steps=2)
+
+
 def test_the_trajectory_sheet_has_a_row_a_prompt_and_a_column_a_step():
     pipe = _trained_pipe()
     sheet = quality.trajectory(pipe, prompts=("a red circle", "a green star at the top"), steps=3)

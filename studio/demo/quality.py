@@ -367,9 +367,15 @@ def predictions(pipe, prompt: str, seed: int = 1, steps: int = STEPS, guidance: 
     """What the sampler believes the picture is at each of its steps: the prediction of the clean
     latent, x0 = x − σ·v, decoded, one image a step (the last is the final picture), and the σ of
     each step. The velocity is read back from the Euler step itself, v = (x' − x) / (σ' − σ), so
-    the pipeline runs unchanged."""
+    the pipeline runs unchanged. That reading holds for a deterministic Euler step only, so any
+    other scheduler is refused."""
     import torch
 
+    scheduler = pipe.scheduler
+    if type(scheduler).__name__ != "FlowMatchEulerDiscreteScheduler" or scheduler.config.get("stochastic_sampling"):
+        raise ValueError(f"predictions reads x0 back from deterministic Euler steps; this pipeline samples with "
+                         f"{type(scheduler).__name__}{' (stochastic)' if scheduler.config.get('stochastic_sampling') else ''}. "
+                         "Load the pipeline folder with its own FlowMatchEulerDiscreteScheduler.")
     side = shapes.SIZE // pipe.vae_scale_factor
     start = torch.randn(1, pipe.transformer.config.in_channels, side, side,
                         generator=torch.Generator().manual_seed(seed)).to(pipe.transformer.dtype)
