@@ -333,27 +333,39 @@ GRID_PROMPTS = (
 )
 
 
+def labelled_sheet(header: str, rows, cell: int, pad: int, column_labels=()):
+    """Pictures on a white sheet: ``header`` on top, then the ``column_labels`` (if any) as a line
+    of their own, then each row's label over its pictures (``rows``: (label, pictures) pairs, each
+    picture resized to ``cell`` square). :func:`grid` and :func:`trajectory` draw theirs with it."""
+    from PIL import Image, ImageDraw
+
+    label_h = 28
+    top = label_h * (2 if column_labels else 1)
+    columns = max(len(pictures) for _, pictures in rows)
+    sheet = Image.new("RGB", (pad + columns * (cell + pad), top + len(rows) * (cell + label_h + pad)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((pad, 8), header, fill=(0, 0, 0))
+    for col, text in enumerate(column_labels):
+        draw.text((pad + col * (cell + pad), label_h + 8), text, fill=(0, 0, 0))
+    for row, (label, pictures) in enumerate(rows):
+        y = top + row * (cell + label_h + pad)
+        draw.text((pad, y + 8), label, fill=(0, 0, 0))
+        for col, picture in enumerate(pictures):
+            sheet.paste(picture.resize((cell, cell)), (pad + col * (cell + pad), y + label_h))
+    return sheet
+
+
 def grid(pipe, prompts=GRID_PROMPTS, seeds=(1, 2, 3, 4), steps: int = STEPS, guidance: float = GUIDANCE):
     """A labelled grid: one row a prompt, one column a seed (what assets/demo-grid.png shows)."""
     import torch
-    from PIL import Image, ImageDraw
 
-    cell, label_h, pad = shapes.SIZE // 2, 28, 4
-    width = pad + len(seeds) * (cell + pad)
-    height = label_h + len(prompts) * (cell + label_h + pad)
-    sheet = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
+    # "x", not "²": the default font has no "²"
     header = f"seeds {', '.join(map(str, seeds))}  |  {shapes.SIZE}x{shapes.SIZE} px, {steps} steps, CFG {guidance:g}"
-    draw.text((pad, 8), header, fill=(0, 0, 0))  # "x", not "²": the default font has no "²"
-    for row, prompt in enumerate(prompts):
-        y = label_h + row * (cell + label_h + pad)
-        draw.text((pad, y + 8), prompt, fill=(0, 0, 0))
-        images = pipe([prompt] * len(seeds), num_inference_steps=steps, guidance_scale=guidance,
-                      height=shapes.SIZE, width=shapes.SIZE,
-                      generator=[torch.Generator().manual_seed(s) for s in seeds]).images
-        for col, image in enumerate(images):
-            sheet.paste(image.resize((cell, cell)), (pad + col * (cell + pad), y + label_h))
-    return sheet
+    rows = [(prompt, pipe([prompt] * len(seeds), num_inference_steps=steps, guidance_scale=guidance,
+                          height=shapes.SIZE, width=shapes.SIZE,
+                          generator=[torch.Generator().manual_seed(s) for s in seeds]).images)
+            for prompt in prompts]
+    return labelled_sheet(header, rows, cell=shapes.SIZE // 2, pad=4)
 
 
 TRAJECTORY_PROMPTS = (
@@ -405,25 +417,11 @@ def trajectory(pipe, prompts=TRAJECTORY_PROMPTS, seed: int = 1, steps: int = STE
     """A labelled sheet of :func:`predictions`: one row a prompt, one column a sampling step. It
     shows which step decides what: colour and layout in the first steps, and whether the later
     ones still change the outline."""
-    from PIL import Image, ImageDraw
-
-    cell, label_h, pad = shapes.SIZE // 3, 28, 3
-    rows = [predictions(pipe, p, seed, steps, guidance) for p in prompts]
-    sigmas = rows[0][1]
-    width = pad + len(sigmas) * (cell + pad)
-    height = 2 * label_h + len(prompts) * (cell + label_h + pad)
-    sheet = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    draw.text((pad, 8), f"the clean picture each step predicts  |  seed {seed}, {steps} steps, CFG {guidance:g}",
-              fill=(0, 0, 0))
-    for col, sigma in enumerate(sigmas):
-        draw.text((pad + col * (cell + pad), label_h + 8), f"sigma {sigma:.2f}", fill=(0, 0, 0))
-    for row, (prompt, (images, _)) in enumerate(zip(prompts, rows)):
-        y = 2 * label_h + row * (cell + label_h + pad)
-        draw.text((pad, y + 8), prompt, fill=(0, 0, 0))
-        for col, image in enumerate(images):
-            sheet.paste(image.resize((cell, cell)), (pad + col * (cell + pad), y + label_h))
-    return sheet
+    rows = [(p, predictions(pipe, p, seed, steps, guidance)) for p in prompts]
+    sigmas = rows[0][1][1]
+    return labelled_sheet(f"the clean picture each step predicts  |  seed {seed}, {steps} steps, CFG {guidance:g}",
+                          [(p, images) for p, (images, _) in rows], cell=shapes.SIZE // 3, pad=3,
+                          column_labels=[f"sigma {sigma:.2f}" for sigma in sigmas])
 
 
 def colour_misses(rows: list[dict]) -> list[tuple[str, str, int]]:
