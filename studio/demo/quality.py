@@ -383,10 +383,11 @@ def predictions(pipe, prompt: str, seed: int = 1, steps: int = STEPS, guidance: 
     other scheduler is refused."""
     import torch
 
-    scheduler = pipe.scheduler
-    if type(scheduler).__name__ != "FlowMatchEulerDiscreteScheduler" or scheduler.config.get("stochastic_sampling"):
+    name = type(pipe.scheduler).__name__
+    stochastic = bool(pipe.scheduler.config.get("stochastic_sampling"))
+    if name != "FlowMatchEulerDiscreteScheduler" or stochastic:
         raise ValueError(f"predictions reads x0 back from deterministic Euler steps; this pipeline samples with "
-                         f"{type(scheduler).__name__}{' (stochastic)' if scheduler.config.get('stochastic_sampling') else ''}. "
+                         f"{name}{' (stochastic)' if stochastic else ''}. "
                          "Load the pipeline folder with its own FlowMatchEulerDiscreteScheduler.")
     side = shapes.SIZE // pipe.vae_scale_factor
     start = torch.randn(1, pipe.transformer.config.in_channels, side, side,
@@ -417,11 +418,12 @@ def trajectory(pipe, prompts=TRAJECTORY_PROMPTS, seed: int = 1, steps: int = STE
     """A labelled sheet of :func:`predictions`: one row a prompt, one column a sampling step. It
     shows which step decides what: colour and layout in the first steps, and whether the later
     ones still change the outline."""
-    rows = [(p, predictions(pipe, p, seed, steps, guidance)) for p in prompts]
-    sigmas = rows[0][1][1]
+    rows, sigmas = [], []
+    for prompt in prompts:
+        images, sigmas = predictions(pipe, prompt, seed, steps, guidance)  # the same σ for every prompt
+        rows.append((prompt, images))
     return labelled_sheet(f"the clean picture each step predicts  |  seed {seed}, {steps} steps, CFG {guidance:g}",
-                          [(p, images) for p, (images, _) in rows], cell=shapes.SIZE // 3, pad=3,
-                          column_labels=[f"sigma {sigma:.2f}" for sigma in sigmas])
+                          rows, cell=shapes.SIZE // 3, pad=3, column_labels=[f"sigma {sigma:.2f}" for sigma in sigmas])
 
 
 def colour_misses(rows: list[dict]) -> list[tuple[str, str, int]]:
