@@ -35,6 +35,7 @@ TINY_FORMAT = 3
 _STAMP = "studio_tiny.json"
 
 _SHARED_SEED = 1234
+SCHEDULER_SHIFT = 3.0  # the flow-matching shift of SD3's and SD3.5's schedulers
 
 
 def _dims(scale: int) -> dict:
@@ -219,7 +220,7 @@ def build_shared_components(seed: int = _SHARED_SEED, scale: int = 1) -> dict:
         use_quant_conv=False,
         use_post_quant_conv=False,
     ).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SCHEDULER_SHIFT)
     return {
         "tokenizer": clip_tokenizer,
         "tokenizer_2": clip_tokenizer,
