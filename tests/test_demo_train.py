@@ -396,49 +396,41 @@ def test_mirror_sets_how_often_a_sample_is_mirrored(monkeypatch):
         assert len(swapped) == expected, (mirror, swapped)
 
 
+def sigmas_drawn(monkeypatch, samples: int, steps: int, **recipe):
+    """Every σ a one-block transformer is trained on by ``train_transformer`` with these recipe fields."""
+    import torch
+
+    from studio.demo import train as tr
+
+    drawn = []
+    real = tr._sigmas
+    latents, masks = torch.randn(samples, 16, 16, 16), torch.zeros(samples, 1, 16, 16)
+    prompts = [f"a red circle {i}" for i in range(samples)]
+    recipe = tr.Recipe(steps=steps, low_steps=0, batch=samples, warmup=1, layers=1, dual_layers=(), **recipe)
+    with monkeypatch.context() as patch:
+        patch.setattr(tr, "_sigmas", lambda *a, **k: drawn.append(real(*a, **k)) or drawn[-1])
+        tr.train_transformer(recipe, latents, masks, prompts, FrozenText(), tr.Log(quiet=True), False)
+    assert len(drawn) == steps
+    return torch.cat(drawn)
+
+
 def test_the_transformer_stage_draws_its_sigmas_with_the_recipes_high_noise(monkeypatch):
     """``--set high_noise=1`` reaches the noise levels the transformer trains on: every σ its
     model is given is then in [0.9, 1); with 0 the logit-normal draw goes below."""
-    import torch
-
     from studio.demo import train as tr
 
-    drawn = []
-    real = tr._sigmas
-    monkeypatch.setattr(tr, "_sigmas", lambda *a, **k: drawn.append(real(*a, **k)) or drawn[-1])
-    latents, masks = torch.randn(8, 16, 16, 16), torch.zeros(8, 1, 16, 16)
-    prompts = [f"a red circle {i}" for i in range(8)]
-    lowest = {}
-    for high in (0.0, 1.0):
-        drawn.clear()
-        recipe = tr.Recipe(steps=6, low_steps=0, batch=8, warmup=1, layers=1, dual_layers=(), high_noise=high)
-        tr.train_transformer(recipe, latents, masks, prompts, FrozenText(), tr.Log(quiet=True), False)
-        assert len(drawn) == 6
-        lowest[high] = float(torch.cat(drawn).min())
+    lowest = {high: float(sigmas_drawn(monkeypatch, 8, 6, high_noise=high).min()) for high in (0.0, 1.0)}
     assert lowest[1.0] >= tr.HIGH_NOISE > lowest[0.0]
 
 
-
-def test_the_recipes_shift_shifts_the_training_sigmas_and_the_saved_scheduler(monkeypatch, tmp_path):
+def test_the_recipes_shift_shifts_the_training_sigmas_and_the_saved_scheduler(monkeypatch):
     """``shift``: one value for both sides of the flow: the σ the transformer trains on are
     shifted by it (logit-normal's median 0.5 becomes 3·0.5/(1 + 2·0.5) = 0.75 at 3.0, stays 0.5
     at 1.0) and the pipeline it saves samples with it."""
-    import torch
-
     from studio.demo import train as tr
 
-    drawn = []
-    real = tr._sigmas
-    monkeypatch.setattr(tr, "_sigmas", lambda *a, **k: drawn.append(real(*a, **k)) or drawn[-1])
-    latents, masks = torch.randn(64, 16, 16, 16), torch.zeros(64, 1, 16, 16)
-    prompts = [f"a red circle {i}" for i in range(64)]
-    medians = {}
-    for shift in (1.0, 3.0):
-        drawn.clear()
-        recipe = tr.Recipe(steps=4, low_steps=0, batch=64, warmup=1, layers=1, dual_layers=(), high_noise=0.0,
-                           shift=shift)
-        tr.train_transformer(recipe, latents, masks, prompts, FrozenText(), tr.Log(quiet=True), False)
-        medians[shift] = float(torch.cat(drawn).median())
+    medians = {shift: float(sigmas_drawn(monkeypatch, 64, 4, high_noise=0.0, shift=shift).median())
+               for shift in (1.0, 3.0)}
     assert abs(medians[1.0] - 0.5) < 0.06 and abs(medians[3.0] - 0.75) < 0.06, medians
     assert tr.assemble(None, None, 1.0).scheduler.config.shift == 1.0
     assert tr.assemble(None, None).scheduler.config.shift == tr.Recipe().shift
