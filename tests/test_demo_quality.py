@@ -162,24 +162,13 @@ def test_position_hits_are_counted_by_the_named_position():
     assert quality.by_position(rows) == {"left": (1, 2), "top": (1, 1)}
 
 
-def _trained_pipe():
-    import torch
-    from diffusers import StableDiffusion3Pipeline
-
-    from studio.demo import trained_folder
-
-    pipe = StableDiffusion3Pipeline.from_pretrained(trained_folder(), torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def test_each_steps_prediction_is_decoded_and_the_last_is_the_picture_itself():
     """``predictions`` reads the sampler's x0 back from its Euler steps: its last image is the
     pipeline's own picture for that seed, pixel for pixel, and the predictions walk towards it
     (the first, at σ 1, is the blurred mean of what the prompt allows)."""
     import torch
 
-    pipe = _trained_pipe()
+    pipe = quality.load_pipeline()
     prompt = "a large blue square at the left"
     images, sigmas = quality.predictions(pipe, prompt, seed=3, steps=6)
     assert len(images) == len(sigmas) == 6
@@ -197,7 +186,7 @@ def test_predictions_refuse_a_sampler_whose_steps_are_not_euler_steps():
     import pytest
     from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 
-    pipe = _trained_pipe()
+    pipe = quality.load_pipeline()
     config = pipe.scheduler.config
     for scheduler in (FlowMatchEulerDiscreteScheduler.from_config(config, stochastic_sampling=True),
                       FlowMatchHeunDiscreteScheduler.from_config(config)):
@@ -207,7 +196,7 @@ def test_predictions_refuse_a_sampler_whose_steps_are_not_euler_steps():
 
 
 def test_the_trajectory_sheet_has_a_row_a_prompt_and_a_column_a_step():
-    pipe = _trained_pipe()
+    pipe = quality.load_pipeline()
     sheet = quality.trajectory(pipe, prompts=("a red circle", "a green star at the top"), steps=3)
     cell, label_h, pad = shapes.SIZE // 3, 28, 3
     assert sheet.size == (pad + 3 * (cell + pad), 2 * label_h + 2 * (cell + label_h + pad))

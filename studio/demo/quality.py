@@ -434,6 +434,19 @@ def colour_misses(rows: list[dict]) -> list[tuple[str, str, int]]:
     return [(named, read, n) for (named, read), n in counts.most_common()]
 
 
+def load_pipeline(folder: Path | None = None):
+    """The pipeline folder (default: the shipped demo weights) as plain diffusers loads it, in fp32,
+    without progress bars: what every measure here runs."""
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    from studio.demo import trained_folder
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder or trained_folder(), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def main(argv=None) -> int:
     """The command line: measure a pipeline folder (default: the shipped one), print the table,
     optionally save JSON and a grid."""
@@ -454,14 +467,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-    from diffusers import StableDiffusion3Pipeline
-
-    from studio.demo import trained_folder
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    folder = args.folder or trained_folder()
-    pipe = StableDiffusion3Pipeline.from_pretrained(folder, torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(args.folder)
     started = time.time()
     scenes = held_out_scenes(args.count, args.seed)
     result = measure(pipe, scenes, seed=args.seed, save_dir=args.save)
