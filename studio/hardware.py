@@ -353,11 +353,12 @@ def memory_snapshot() -> dict:
         "gpus": gpus,
         "mps": mps,
         "ram": {"used_bytes": int(total - avail), "total_bytes": int(total)},
-        "process_rss_bytes": _process_rss(),
+        "process_rss_bytes": process_rss(),
     }
 
 
-def _process_rss() -> int | None:
+def process_rss() -> int | None:
+    """This process's resident memory now, in bytes (Linux /proc; None where there is none)."""
     try:
         with open("/proc/self/statm", encoding="ascii") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

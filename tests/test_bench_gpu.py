@@ -84,6 +84,19 @@ def test_tiny_bf16_runs_when_named(workdir):
     _assert_row(results["sd3.5-large/cpu-bf16"])
 
 
+def test_cpu_peak_counts_allocations_that_reuse_memory_freed_before():
+    """Memory freed under a live chunk stays resident; without trimming the heap first, a block
+    that reuses it measured a peak of 0 (the bf16 row in CI, late in a long suite)."""
+    chunk = 100_000  # under glibc's mmap threshold: these come from the heap
+    freed = [torch.ones(chunk, dtype=torch.uint8) for _ in range(1000)]
+    pin = torch.ones(chunk, dtype=torch.uint8)  # sits above them, so free() alone cannot trim
+    del freed
+    with bench_gpu.PeakMeter("cpu") as meter:
+        made = [torch.ones(chunk // 2, dtype=torch.uint8) for _ in range(1000)]
+    assert meter.result["peak_bytes"] > 0.8 * len(made) * chunk // 2, meter.result
+    del pin, made
+
+
 def test_compile_flag_compiles_each_block_once(tiny_family, tmp_path):
     placement = bench_gpu.with_compile(placement_from_preset(get_preset("cpu-fp32"), "cpu"), backend="eager")
     assert placement.name == "cpu-fp32+compile"

@@ -72,6 +72,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import gc
 import hashlib
@@ -543,13 +545,17 @@ def bare_pipeline(folder, preset, device: str):
 
 
 def _rss() -> int:
-    try:
-        with open("/proc/self/statm", encoding="ascii") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError, AttributeError):
-        import resource
+    """Resident bytes now; where /proc is missing, the lifetime peak (its growth still bounds a
+    block's peak from below)."""
+    from studio.hardware import process_rss
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = process_rss()
+    if rss is not None:
+        return rss
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -562,11 +568,24 @@ def cpu_has_fast_bf16() -> bool:
         return "AVX512" in torch.backends.cpu.get_cpu_capability()
 
 
+def _trim_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+    Without it, memory that earlier work freed stays resident and is reused, so the RSS peak of
+    the next block misses allocations (a whole tiny bf16 load measured 0 bytes in CI)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def free_all() -> None:
-    """Collect garbage and give cached CUDA memory back, so the next plan starts clean."""
+    """Collect garbage, give cached CUDA memory back and trim the C heap, so the next plan starts
+    clean and its peak counts what it allocates."""
     import torch
 
     gc.collect()
+    _trim_heap()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
