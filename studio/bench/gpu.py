@@ -571,7 +571,10 @@ def _trim_heap() -> None:
     """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
     Without it, memory that earlier work freed stays resident and is reused, so the RSS peak of
     the next block misses allocations (a whole tiny bf16 load measured 0 bytes in CI). The
-    process's own symbols hold libc's: no library search (``find_library`` runs ldconfig)."""
+    process's own symbols hold libc's: no library search (``find_library`` runs ldconfig).
+    ``CDLL(None)`` (those symbols) exists on POSIX only; on Windows it raises."""
+    if os.name != "posix":
+        return
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     if trim is not None:
         trim(0)
